@@ -1,0 +1,1 @@
+"""One module per pipeline step: a frozen config, a thin Typer command, and `run(cfg)`."""

@@ -1,0 +1,165 @@
+"""`rlhf sample`: draw K completions per prompt (the candidates that `pairwise` compares).
+
+Reads prompt rows `{"prompt"}` or `{"messages": [...]}` (every other field passes through) and
+streams one JSONL row per prompt to stdout as each batch finishes.
+
+    rlhf sample prompts.jsonl --model sft/ -n 4 > samples.jsonl
+    rlhf sample prompts.jsonl --model sft/ -n 4 --resume samples.jsonl   # continue a killed run
+    cat prompts.jsonl | rlhf sample - --model sft/ --temperature 0 | head -1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rlhf_cli.console import info
+from rlhf_cli.errors import RlhfError
+from rlhf_cli.options import DeviceOpt, DtypeOpt, FormatOpt, ModelOpt, SeedOpt, TrustOpt, check_choice
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: str
+    model: str = "builtin:tiny"
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    batch_size: int = 8
+    format: str = "chat"
+    output: str = "-"
+    resume: bool = False
+    device: str = "auto"
+    dtype: str = "fp32"
+    trust_remote_code: bool = False
+
+
+def command(
+    prompts: Annotated[str, typer.Argument(help="Prompt JSONL file, or '-' for stdin.")],
+    model: ModelOpt = "builtin:tiny",
+    n: Annotated[int, typer.Option("-n", "--n", help="Completions per prompt (K).")] = 1,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1 = off).")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")] = 0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest completion, in tokens.")] = 256,
+    seed: SeedOpt = 0,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); not included in the text.")] = None,
+    logprobs: Annotated[bool, typer.Option("--logprobs", help="Record token ids and per-token log-probs.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call.")] = 8,
+    fmt: FormatOpt = "chat",
+    output: Annotated[str, typer.Option("--output", "-o", help="Write rows to this file instead of stdout.")] = "-",
+    resume: Annotated[str | None, typer.Option("--resume", help="Append to this file, skipping prompts already in it.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Sample K completions per prompt; one JSONL row per prompt on stdout.
+
+    Output row: the input fields + id, completions (K strings), finish_reasons ("stop" | "length"),
+    completion_tokens, prompt_tokens, sampling {model, temperature, top_p, top_k, max_new_tokens,
+    seed, n, stop}; with --logprobs also completion_token_ids and logprobs.
+
+    Examples:
+
+      rlhf sample prompts.jsonl --model sft/ -n 4 > samples.jsonl
+
+      rlhf sample prompts.jsonl --model sft/ -n 4 --resume samples.jsonl
+
+      echo '{"prompt": "2+2="}' | rlhf sample - --model sft/ --temperature 0
+    """
+    if resume and output != "-":
+        raise RlhfError("give --output or --resume, not both", "--resume FILE appends to FILE")
+    cfg = SampleConfig(
+        prompts=prompts, model=model, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+        max_new_tokens=max_new_tokens, seed=seed, stop=tuple(stop or ()), logprobs=logprobs, batch_size=batch_size,
+        format=check_choice("--format", fmt, ("chat", "raw")), output=resume or output, resume=resume is not None,
+        device=device, dtype=check_choice("--dtype", dtype, ("fp32", "bf16", "fp16")), trust_remote_code=trust_remote_code,
+    )
+    run(cfg)
+
+
+def _validate(cfg: SampleConfig) -> None:
+    if cfg.n < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        raise RlhfError("-n, --batch-size and --max-new-tokens must be >= 1")
+    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
+        raise RlhfError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+    if cfg.temperature == 0 and cfg.n > 1:
+        raise RlhfError("-n > 1 with --temperature 0 gives K identical completions", "use a temperature > 0")
+
+
+def done_ids(path: str) -> set[Any]:
+    """Ids already written to a resume file (a half-written last row from a kill is cut off)."""
+    from rlhf_cli.data.jsonl import iter_jsonl, truncate_partial_last_line
+
+    if not Path(path).exists():
+        return set()
+    truncate_partial_last_line(path)
+    return {line.data.get("id") for line in iter_jsonl(path)}
+
+
+def run(cfg: SampleConfig) -> int:
+    """Sample and write rows; returns the number of rows written."""
+    from rlhf_cli.data.jsonl import JsonlSink, read_jsonl
+    from rlhf_cli.data.records import assign_ids, parse_prompt_row
+    from rlhf_cli.models.loading import parse_model_spec
+
+    # 1. validate all input before loading the model
+    _validate(cfg)
+    rows = assign_ids([parse_prompt_row(line) for line in read_jsonl(cfg.prompts)])
+    spec = parse_model_spec(cfg.model)
+    skip = done_ids(cfg.output) if cfg.resume else set()
+    todo = [r for r in rows if r.id not in skip]
+    if skip:
+        info(f"resume: {len(rows) - len(todo)} of {len(rows)} prompts already in {cfg.output}")
+
+    import torch
+
+    from rlhf_cli import runtime
+    from rlhf_cli.generation import SamplingParams, batch_seed, generate, render_prompt
+    from rlhf_cli.metrics import progress_bar
+    from rlhf_cli.models.loading import load_model, load_tokenizer
+
+    # 2. model
+    device = runtime.pick_device(cfg.device)
+    tok = load_tokenizer(spec, cfg.trust_remote_code)
+    model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
+    params = SamplingParams(cfg.n, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.seed, cfg.stop)
+    sampling = {"model": cfg.model, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "n": cfg.n, "stop": list(cfg.stop)}
+
+    # 3. generate batch by batch, streaming rows in input order
+    written = 0
+    new_tokens = 0
+    with JsonlSink(cfg.output, append=cfg.resume) as sink, progress_bar(True) as bar:
+        task = bar.add_task("sample", total=len(todo), stats="")
+        for b in range(0, len(todo), cfg.batch_size):
+            batch = todo[b : b + cfg.batch_size]
+            ids = [render_prompt(tok, r.prompt, r.messages, cfg.format) for r in batch]
+            seed = batch_seed(cfg.seed, [str(r.id) for r in batch])
+            results = generate(model, tok, ids, params, device, seed, cfg.logprobs)
+            for r, p_ids, comps in zip(batch, ids, results, strict=False):
+                out = dict(r.extra)
+                out["id"] = r.id
+                out["completions"] = [c.text for c in comps]
+                out["finish_reasons"] = [c.finish_reason for c in comps]
+                out["completion_tokens"] = [len(c.token_ids) for c in comps]
+                out["prompt_tokens"] = len(p_ids)
+                out["sampling"] = sampling
+                if cfg.logprobs:
+                    out["completion_token_ids"] = [c.token_ids for c in comps]
+                    out["logprobs"] = [c.logprobs for c in comps]
+                sink.write(out)
+                written += 1
+                new_tokens += sum(len(c.token_ids) for c in comps)
+            sink.sync()
+            bar.update(task, advance=len(batch), stats=f"{new_tokens:,} new tokens")
+    del torch
+    return written

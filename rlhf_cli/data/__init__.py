@@ -1,0 +1,1 @@
+"""JSONL in/out, the record contract, and SFT batching."""

@@ -1,0 +1,167 @@
+"""JSONL in and out: `-` means stdin/stdout, errors name `file:line`, file outputs are atomic.
+
+    rows = read_jsonl("prompts.jsonl")          # -> list[Line]; Line.where == "prompts.jsonl:3"
+    with JsonlSink("-") as sink:                # stdout, flushed per row, quiet on SIGPIPE
+        sink.write({"id": "a", "completions": [...]})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from rlhf_cli.errors import RlhfError
+
+
+@dataclass(frozen=True)
+class Line:
+    """One parsed JSONL object and where it came from (for error messages)."""
+
+    data: dict[str, Any]
+    path: str
+    lineno: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.lineno}"
+
+
+def _open_text(path: str) -> IO[bytes]:
+    if path == "-":
+        return sys.stdin.buffer
+    p = Path(path)
+    if p.is_dir():
+        raise RlhfError(f"{path}: is a directory, expected a JSONL file", "pass a .jsonl file or '-' for stdin")
+    try:
+        return p.open("rb")
+    except FileNotFoundError:
+        raise RlhfError(f"{path}: no such file", "check the path, or pass '-' to read stdin") from None
+    except OSError as e:
+        raise RlhfError(f"{path}: cannot read ({e.strerror})", "check the file's permissions") from None
+
+
+def iter_jsonl(path: str) -> Iterator[Line]:
+    """Yield each non-blank line of `path` as a `Line`; malformed JSON raises at its line."""
+    name = "<stdin>" if path == "-" else path
+    f = _open_text(path)
+    try:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as e:
+                raise RlhfError(
+                    f"{name}:{lineno}: malformed JSON ({e.msg})", "each line must be one JSON object"
+                ) from None
+            if not isinstance(obj, dict):
+                raise RlhfError(
+                    f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}",
+                    "each line must be one JSON object like {\"prompt\": ...}",
+                )
+            yield Line(obj, name, lineno)
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def read_jsonl(path: str) -> list[Line]:
+    """Read a whole JSONL file; an empty file is an error (there is nothing to do)."""
+    lines = list(iter_jsonl(path))
+    if not lines:
+        name = "<stdin>" if path == "-" else path
+        raise RlhfError(f"{name}:1: file is empty, expected JSONL rows", "give at least one JSON object per line")
+    return lines
+
+
+def dumps(obj: Any) -> bytes:
+    """One JSONL line (orjson: fast, UTF-8, no NaN surprises), newline included."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+
+
+class JsonlSink:
+    """Writes rows to stdout (`-`) or appends to a file, flushing each row.
+
+    Stdout consumers may go away early (`rlhf sample ... | head -1`); a broken pipe then ends the
+    run quietly with exit code 0 instead of a traceback.
+    """
+
+    def __init__(self, path: str = "-", append: bool = False) -> None:
+        self.path = path
+        if path == "-":
+            self._f: IO[bytes] = sys.stdout.buffer
+        else:
+            self._f = open(path, "ab" if append else "wb")  # noqa: SIM115 (closed in close())
+
+    def write(self, row: dict[str, Any]) -> None:
+        try:
+            self._f.write(dumps(row))
+            self._f.flush()
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+
+    def sync(self) -> None:
+        """Make the rows so far durable (a file sink), so `--resume` after `kill -9` sees them."""
+        if self.path != "-":
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        if self.path != "-":
+            self._f.close()
+
+    def __enter__(self) -> JsonlSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _quiet_broken_pipe() -> None:
+    # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(0)
+
+
+def write_jsonl_atomic(path: str, rows: list[dict[str, Any]]) -> None:
+    """Write all rows to `path` via a temp file in the same directory, then rename."""
+    with atomic_file(path) as f:
+        for row in rows:
+            f.write(dumps(row))
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
+    """Open a temp file beside `path`; on success fsync + rename over `path`, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def truncate_partial_last_line(path: str | Path) -> int:
+    """Cut a file after its last newline (a killed writer may leave half a row); returns bytes cut."""
+    path = Path(path)
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with path.open("r+b") as f:
+            f.truncate(keep)
+    return len(data) - keep

@@ -1,0 +1,149 @@
+"""The JSONL record contract shared by every step. Later steps extend this table.
+
+| step            | reads                                                        | writes                               |
+|-----------------|--------------------------------------------------------------|--------------------------------------|
+| `sft`           | `{"prompt", "completion"}` / `{"messages": [...]}` / `{"text"}` | checkpoint directory              |
+| `sample`        | `{"prompt"}` or `{"messages": [...]}`, optional `id`          | input row + `completions` + ...      |
+
+SFT rows
+    `{"prompt": str, "completion": str}`  loss on completion tokens only.
+    `{"messages": [{"role": str, "content": str}, ...]}`  loss on assistant turns only.
+    `{"text": str}`  plain language modelling (pretraining replay): loss on every token.
+    An optional `"weight"`-free design: mixtures are weighted per file (`--data FILE:WEIGHT`).
+
+Prompt rows (`sample`)
+    `{"prompt": str}` or `{"messages": [...]}`; `id` (str or int) is kept, else a stable one is
+    assigned from the content. **Every other field passes through untouched.**
+
+Sample rows (output of `sample`, one per prompt)
+    the input fields, plus
+    `id`                  the prompt's id (kept or assigned)
+    `completions`         list of K strings
+    `finish_reasons`      list of K, each "stop" (EOS or a stop string) or "length"
+    `completion_tokens`   list of K token counts
+    `prompt_tokens`       token count of the rendered prompt
+    `sampling`            {"model", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "n"}
+    with `--logprobs`: `completion_token_ids` and `logprobs` (K lists, one float per token: the
+    log-probability of the sampled token under the model's raw distribution, temperature 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from rlhf_cli.data.jsonl import Line
+from rlhf_cli.errors import RlhfError
+
+Message = dict[str, str]
+
+SFT_SHAPES = '{"prompt": str, "completion": str}, {"messages": [{"role", "content"}, ...]} or {"text": str}'
+PROMPT_SHAPES = '{"prompt": str} or {"messages": [{"role", "content"}, ...]}'
+
+
+@dataclass(frozen=True)
+class SftRow:
+    """One validated SFT example."""
+
+    kind: Literal["prompt", "messages", "text"]
+    prompt: str | None = None
+    completion: str | None = None
+    messages: tuple[Message, ...] | None = None
+    text: str | None = None
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One validated prompt for `sample`; `extra` is the whole input row (passed through)."""
+
+    id: str | int
+    prompt: str | None
+    messages: tuple[Message, ...] | None
+    extra: dict[str, Any]
+    where: str = ""
+
+
+def _need_str(line: Line, key: str) -> str:
+    value = line.data[key]
+    if not isinstance(value, str):
+        raise RlhfError(f"{line.where}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(line: Line) -> tuple[Message, ...]:
+    msgs = line.data["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise RlhfError(f"{line.where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise RlhfError(
+                f"{line.where}: messages[{i}] must be {{\"role\": str, \"content\": str}}, got {orjson.dumps(m).decode()[:80]}"
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+def parse_sft_row(line: Line) -> SftRow:
+    """Validate one SFT row against the contract, naming `file:line` on failure."""
+    d = line.data
+    if "messages" in d:
+        msgs = _messages(line)
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise RlhfError(f"{line.where}: 'messages' has no assistant turn, so there is nothing to learn")
+        return SftRow("messages", messages=msgs, where=line.where)
+    if "prompt" in d or "completion" in d:
+        for key in ("prompt", "completion"):
+            if key not in d:
+                raise RlhfError(f"{line.where}: missing field '{key}', expected {SFT_SHAPES}")
+        completion = _need_str(line, "completion")
+        if not completion:
+            raise RlhfError(f"{line.where}: 'completion' is empty, so there is nothing to learn")
+        return SftRow("prompt", prompt=_need_str(line, "prompt"), completion=completion, where=line.where)
+    if "text" in d:
+        text = _need_str(line, "text")
+        if not text:
+            raise RlhfError(f"{line.where}: 'text' is empty")
+        return SftRow("text", text=text, where=line.where)
+    raise RlhfError(f"{line.where}: no 'prompt'/'completion', 'messages' or 'text' field, expected {SFT_SHAPES}")
+
+
+def parse_prompt_row(line: Line) -> PromptRow:
+    """Validate one prompt row; the id is kept if present (str or int) and filled in later if not."""
+    d = line.data
+    if "id" in d and (isinstance(d["id"], bool) or not isinstance(d["id"], (str, int))):
+        raise RlhfError(f"{line.where}: field 'id' must be a string or integer, got {type(d['id']).__name__}")
+    if "messages" in d:
+        return PromptRow(d.get("id", ""), None, _messages(line), d, line.where)
+    if "prompt" in d:
+        return PromptRow(d.get("id", ""), _need_str(line, "prompt"), None, d, line.where)
+    raise RlhfError(f"{line.where}: no 'prompt' or 'messages' field, expected {PROMPT_SHAPES}")
+
+
+def content_id(row: PromptRow) -> str:
+    """A stable id from the prompt's content: the same prompt file gives the same ids every run."""
+    payload = orjson.dumps(row.prompt if row.prompt is not None else list(row.messages or ()))
+    return hashlib.sha256(payload).hexdigest()[:12]
+
+
+def assign_ids(rows: list[PromptRow]) -> list[PromptRow]:
+    """Fill in missing ids (content hash, `-2`, `-3` ... for repeats) and reject duplicate given ids."""
+    seen: dict[str | int, str] = {}
+    out = []
+    for row in rows:
+        rid: str | int = row.id
+        if rid == "" and "id" not in row.extra:
+            base = content_id(row)
+            rid, k = base, 1
+            while rid in seen:
+                k += 1
+                rid = f"{base}-{k}"
+        elif rid in seen:
+            raise RlhfError(f"{row.where}: duplicate id {rid!r} (first at {seen[rid]})", "ids must be unique")
+        seen[rid] = row.where
+        out.append(PromptRow(rid, row.prompt, row.messages, row.extra, row.where))
+    return out

@@ -1,0 +1,1 @@
+"""Pure tensor math: each loss is a function with its equation and shapes in the docstring."""

@@ -1,0 +1,1 @@
+"""Model loading (hub id, HF dir, .gguf, builtin:*) and checkpoints with a manifest."""

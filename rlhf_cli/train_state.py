@@ -1,0 +1,93 @@
+"""Resume state for long jobs, kept apart from the weights a user ships.
+
+    <state_dir>/
+      latest                  name of the newest complete step directory (written last, atomically)
+      step-000040/
+        model.safetensors     every parameter and buffer (safetensors, no pickle)
+        optimizer.safetensors AdamW moments, flattened to "<param index>.<name>"
+        state.json            step, data position, optimizer param groups, RNG states, extras
+
+A step directory is written under a temp name and renamed, then `latest` is replaced, so `kill -9`
+at any moment leaves the previous complete state usable.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from rlhf_cli.data.jsonl import atomic_file
+from rlhf_cli.errors import RlhfError
+from rlhf_cli.models.checkpoint import atomic_dir
+
+
+@dataclass
+class ResumePoint:
+    step: int
+    extra: dict[str, Any]
+
+
+def _optimizer_to_flat(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors = {f"{idx}.{k}": v.contiguous() for idx, st in sd["state"].items() for k, v in st.items()}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _optimizer_from_flat(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_state(state_dir: str | Path, step: int, model: Any, optimizer: Any, extra: dict[str, Any], keep: int = 1) -> None:
+    """Write the full training state for `step`; older step directories beyond `keep` are removed."""
+    import torch
+    from safetensors.torch import save_file, save_model
+
+    state_dir = Path(state_dir)
+    name = f"step-{step:08d}"
+    with atomic_dir(state_dir / name) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        meta = {"step": step, "optimizer": opt_meta, "python_random": random.getstate(), "extra": extra}
+        (tmp / "state.json").write_bytes(orjson.dumps(meta))
+    with atomic_file(state_dir / "latest") as f:
+        f.write(name.encode())
+    for old in sorted(state_dir.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(state_dir: str | Path, model: Any, optimizer: Any) -> ResumePoint:
+    """Restore model, optimizer and RNG from the newest complete step; returns the step reached."""
+    import torch
+    from safetensors.torch import load_file, load_model
+
+    state_dir = Path(state_dir)
+    latest = state_dir / "latest"
+    if not latest.is_file():
+        raise RlhfError(f"{state_dir}: no saved training state to resume from", "run without --resume to start fresh")
+    step_dir = state_dir / latest.read_text().strip()
+    load_model(model, str(step_dir / "model.safetensors"))
+    meta = orjson.loads((step_dir / "state.json").read_bytes())
+    optimizer.load_state_dict(_optimizer_from_flat(load_file(str(step_dir / "optimizer.safetensors")), meta["optimizer"]))
+    rng = load_file(str(step_dir / "rng.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    return ResumePoint(meta["step"], meta["extra"])
