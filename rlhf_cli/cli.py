@@ -9,8 +9,8 @@ import os
 import sys
 from typing import Annotated
 
-import click
 import typer
+from rich.markup import escape
 
 from rlhf_cli import __version__
 from rlhf_cli.commands import sample, sft
@@ -20,10 +20,15 @@ from rlhf_cli.errors import RlhfError
 app = typer.Typer(
     name="rlhf",
     help="The InstructGPT recipe as small Unix steps: sft -> sample -> pairwise -> train-rm -> ppo -> eval.\n\n"
-    "Every step reads JSONL (a file or '-') and writes JSONL to stdout or an HF checkpoint directory.",
+    "Every step reads JSONL (a file or '-') and writes JSONL to stdout or an HF checkpoint directory.\n\n"
+    "Examples:\n\n"
+    "  rlhf sft demos.jsonl --model builtin:tiny --out sft/\n\n"
+    "  rlhf sample prompts.jsonl --model sft/ -n 4 > samples.jsonl\n\n"
+    "  rlhf sft --help",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("sft", no_args_is_help=True)(sft.command)
@@ -44,23 +49,19 @@ def _root(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: exit 0 on success, 2 on bad input / usage, 1 on a crash."""
+    """Console-script entry point: exit 0 on success, 2 on bad input / usage, 1 on a crash.
+
+    Typer's standalone mode prints usage errors (exit 2) and handles --help, --version and Ctrl-C
+    itself; we only add the one-line `RlhfError`. Catching Click's exception types here instead
+    would break whenever Typer changes which Click it uses (0.29 vendors its own copy).
+    """
     try:
-        rc = app(args=argv, prog_name="rlhf", standalone_mode=False)
+        app(args=argv, prog_name="rlhf")  # standalone mode: always ends in SystemExit
     except RlhfError as e:
         if os.environ.get("RLHF_DEBUG"):
             raise
-        err.print(f"[bold red]error:[/] {e.message}", soft_wrap=True)
+        # escape: messages quote user input (paths, JSON), which rich would read as [markup]
+        err.print(f"[bold red]error:[/] {escape(e.message)}", soft_wrap=True)
         if e.hint:
-            err.print(f"[dim]hint: {e.hint}[/]", soft_wrap=True)
+            err.print(f"[dim]hint: {escape(e.hint)}[/]", soft_wrap=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    sys.exit(rc if isinstance(rc, int) else 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from rich.console import Console
+from rich.markup import escape
 
 err = Console(stderr=True, highlight=False)
 
@@ -16,9 +17,9 @@ def is_main_process() -> bool:
 
 def info(msg: str) -> None:
     if is_main_process():
-        err.print(msg)
+        err.print(escape(msg))
 
 
 def warn(msg: str) -> None:
     if is_main_process():
-        err.print(f"[yellow]warning:[/] {msg}")
+        err.print(f"[yellow]warning:[/] {escape(msg)}")

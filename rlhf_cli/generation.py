@@ -1,27 +1,34 @@
 """Batched sampling with the KV cache, shared by `sample` (and later `ppo` and `eval`).
 
 Prompts are left-padded so every sequence's newest token sits at the right edge, which is what
-a KV-cached decoder needs. Each prompt yields `n` completions with a finish reason:
+a KV-cached decoder needs; position ids restart at 0 after each row's padding, so a padded prompt
+sees exactly what it would see alone. Each prompt yields `n` completions with a finish reason:
 "stop" (an EOS / end-of-turn token or a stop string) or "length" (hit max_new_tokens).
+
+The decode loop is ours rather than `model.generate`, so the finish reason of every row is known
+exactly (a sampled pad token is not mistaken for padding) and stop strings are matched against
+the decoded text, the same text the caller gets.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from rlhf_cli.losses.sft import linear_token_logprobs
+from rlhf_cli.training import _HEAD_EXTRAS
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
     max_new_tokens: int = 256
     seed: int = 0
     stop: tuple[str, ...] = ()
@@ -61,58 +68,85 @@ def batch_seed(seed: int, keys: list[str]) -> int:
 @torch.no_grad()
 def generate(model: Any, tok: Any, prompts: list[list[int]], params: SamplingParams, device: str,
              seed: int, logprobs: bool = False) -> list[list[Completion]]:
-    """Sample `params.n` completions for each prompt (token-id lists) in one batched call."""
-    from transformers import GenerationConfig
+    """Sample `params.n` completions for each prompt (token-id lists) in one batched call.
 
-    pad = tok.pad_token_id
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    eos = stop_token_ids(tok, model)
-    greedy = params.temperature == 0
-    gen_cfg = GenerationConfig(
-        max_new_tokens=params.max_new_tokens,
-        do_sample=not greedy,
-        temperature=None if greedy else params.temperature,
-        top_p=None if greedy else params.top_p,
-        top_k=None if greedy else params.top_k,
-        num_return_sequences=params.n,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        stop_strings=list(params.stop) or None,
-    )
-    torch.manual_seed(seed)
-    out = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_cfg,
-                         tokenizer=tok if params.stop else None)
-    gen = out[:, width:].tolist()  # (B*n, G)
-    comps = [_finish(tok, g, eos, pad, params) for g in gen]
+    Returns, per prompt, its `n` completions. Row i*n + k of the batch is prompt i's k-th sample.
+    """
+    eos = set(stop_token_ids(tok, model))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)  # a filler, always masked out
+    stops = [s for s in params.stop if s]
+    rows = [p for p in prompts for _ in range(params.n)]
+    width = max(len(p) for p in rows)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], device=device)  # (N, P)
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=device)  # (N, P)
+    mask, pos = prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (N, P): 0 at each row's first real token
+    rng = torch.Generator(device=device).manual_seed(seed)
+    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
+
+    tokens: list[list[int]] = [[] for _ in rows]
+    reasons: list[str | None] = [None] * len(rows)
+    texts: list[str | None] = [None] * len(rows)  # set when a stop string cut the text
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_only)
+    for step in range(params.max_new_tokens):
+        nxt = _pick(out.logits[:, -1].float(), params, rng)  # (N,)
+        for i, t in enumerate(nxt.tolist()):
+            if reasons[i] is not None:
+                continue  # finished rows keep decoding in the batch; their tokens are dropped
+            tokens[i].append(t)
+            if t in eos:
+                reasons[i] = "stop"
+            elif stops:
+                text = tok.decode(tokens[i], skip_special_tokens=True)
+                cut = min((text.find(s) for s in stops if s in text), default=-1)
+                if cut >= 0:  # checked every token, so these are the fewest tokens holding the stop
+                    reasons[i], texts[i] = "stop", text[:cut]
+        if all(r is not None for r in reasons) or step == params.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        pos = pos[:, -1:] + 1
+        cache = {cache_kw: getattr(out, cache_kw)}
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **cache, **last_only)
+
+    comps = []
+    for toks, reason, text in zip(tokens, reasons, texts, strict=True):
+        if text is None:
+            text = tok.decode([t for t in toks if t not in eos], skip_special_tokens=True)
+        comps.append(Completion(text, reason or "length", toks))
     if logprobs:
-        _score(model, input_ids.repeat_interleave(params.n, 0), attention.repeat_interleave(params.n, 0), comps, pad, device)
+        _score(model, ids, prompt_mask, comps, pad, device)
     return [comps[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
 
-def _finish(tok: Any, gen: list[int], eos: list[int], pad: int, params: SamplingParams) -> Completion:
-    """Cut one generated row at EOS / stop string / padding and name why it ended."""
-    for j, t in enumerate(gen):
-        if t in eos:
-            ids, reason = gen[: j + 1], "stop"
-            break
-    else:
-        ids, reason = gen, "length"
-        while ids and ids[-1] == pad:  # rows finished by a stop string are padded afterwards
-            ids = ids[:-1]
-    text = tok.decode([t for t in ids if t not in eos], skip_special_tokens=True)
-    hits = [(text.find(s), s) for s in params.stop if s and s in text]
-    if hits:
-        cut, s = min(hits)
-        text, reason = text[:cut], "stop"
-        for k in range(1, len(ids) + 1):  # the fewest tokens whose text contains the stop string
-            if s in tok.decode(ids[:k], skip_special_tokens=True):
-                ids = ids[:k]
-                break
-    elif reason == "length" and len(ids) < params.max_new_tokens:
-        reason = "stop"
-    return Completion(text, reason, ids)
+def _pick(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator) -> torch.Tensor:
+    """Next token per row from (N, V) float logits: argmax at temperature 0, else
+    temperature -> top-k -> top-p (nucleus, Holtzman et al. 2019) -> sample.  -> (N,)"""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, -1).values[:, -1:]  # (N, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p: the most likely always stays
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(1)
+
+
+def _accepts(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _plain_linear_head(model: Any) -> bool:
+    """True when logits = head(hidden): no soft-capping or scaling (Gemma 2, Cohere, Granite have them)."""
+    cfg = getattr(model, "config", None)
+    return not any(getattr(cfg, k, None) not in (None, 1.0) for k in _HEAD_EXTRAS)
 
 
 def _score(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, comps: list[Completion], pad: int, device: str) -> None:
@@ -127,14 +161,22 @@ def _score(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, comp
             c.logprobs = []
         return
     p = prompt_ids.shape[1]
-    gen = torch.tensor([c.token_ids + [pad] * (g - len(c.token_ids)) for c in comps], device=device)
+    gen = torch.tensor([c.token_ids + [pad] * (g - len(c.token_ids)) for c in comps], device=device)  # (N, G)
     gmask = torch.tensor([[1] * len(c.token_ids) + [0] * (g - len(c.token_ids)) for c in comps], device=device)
-    ids = torch.cat([prompt_ids, gen], 1)
+    ids = torch.cat([prompt_ids, gen], 1)  # (N, P+G)
     mask = torch.cat([prompt_mask, gmask], 1)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-    h = hidden[:, p - 1 : p - 1 + g]  # (B, G, H): the state before each generated token
-    head = model.get_output_embeddings()
-    lp = linear_token_logprobs(h.reshape(-1, h.shape[-1]), head.weight, gen.reshape(-1), head.bias).view(len(comps), g)
+    if _plain_linear_head(model):
+        # decoder states, then head + log-softmax in chunks: never all (N, P+G, V) logits at once
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        h = hidden[:, p - 1 : p - 1 + g]  # (N, G, H): the state before each generated token
+        head = model.get_output_embeddings()
+        lp = linear_token_logprobs(h.reshape(-1, h.shape[-1]), head.weight, gen.reshape(-1), head.bias).view(len(comps), g)
+    else:
+        # soft-capped / scaled logits: only the model's own forward knows them
+        keep = {"logits_to_keep": g + 1} if _accepts(model, "logits_to_keep") else {}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **keep).logits
+        logits = logits[:, -(g + 1) : -1].float()  # (N, G, V): the logits before each generated token
+        lp = logits.log_softmax(-1).gather(-1, gen[..., None]).squeeze(-1)
     for i, c in enumerate(comps):
         c.logprobs = [round(x, 6) for x in lp[i, : len(c.token_ids)].tolist()]

@@ -111,7 +111,7 @@ def run(cfg: SampleConfig) -> int:
     from rlhf_cli.data.records import assign_ids, parse_prompt_row
     from rlhf_cli.models.loading import parse_model_spec
 
-    # 1. validate all input before loading the model
+    # 1. validate and tokenize all input before loading the model
     _validate(cfg)
     rows = assign_ids([parse_prompt_row(line) for line in read_jsonl(cfg.prompts)])
     spec = parse_model_spec(cfg.model)
@@ -119,17 +119,22 @@ def run(cfg: SampleConfig) -> int:
     todo = [r for r in rows if r.id not in skip]
     if skip:
         info(f"resume: {len(rows) - len(todo)} of {len(rows)} prompts already in {cfg.output}")
-
-    import torch
+    if not todo:
+        return 0
 
     from rlhf_cli import runtime
     from rlhf_cli.generation import SamplingParams, batch_seed, generate, render_prompt
     from rlhf_cli.metrics import progress_bar
     from rlhf_cli.models.loading import load_model, load_tokenizer
 
+    tok = load_tokenizer(spec, cfg.trust_remote_code)
+    prompt_ids = [render_prompt(tok, r.prompt, r.messages, cfg.format) for r in todo]
+    for r, ids in zip(todo, prompt_ids, strict=True):
+        if not ids:
+            raise RlhfError(f"{r.where}: the prompt is empty once tokenized", "give some prompt text or use --format chat")
+
     # 2. model
     device = runtime.pick_device(cfg.device)
-    tok = load_tokenizer(spec, cfg.trust_remote_code)
     model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
     params = SamplingParams(cfg.n, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.seed, cfg.stop)
     sampling = {"model": cfg.model, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
@@ -141,11 +146,10 @@ def run(cfg: SampleConfig) -> int:
     with JsonlSink(cfg.output, append=cfg.resume) as sink, progress_bar(True) as bar:
         task = bar.add_task("sample", total=len(todo), stats="")
         for b in range(0, len(todo), cfg.batch_size):
-            batch = todo[b : b + cfg.batch_size]
-            ids = [render_prompt(tok, r.prompt, r.messages, cfg.format) for r in batch]
+            batch, ids = todo[b : b + cfg.batch_size], prompt_ids[b : b + cfg.batch_size]
             seed = batch_seed(cfg.seed, [str(r.id) for r in batch])
             results = generate(model, tok, ids, params, device, seed, cfg.logprobs)
-            for r, p_ids, comps in zip(batch, ids, results, strict=False):
+            for r, p_ids, comps in zip(batch, ids, results, strict=True):
                 out = dict(r.extra)
                 out["id"] = r.id
                 out["completions"] = [c.text for c in comps]
@@ -161,5 +165,4 @@ def run(cfg: SampleConfig) -> int:
                 new_tokens += sum(len(c.token_ids) for c in comps)
             sink.sync()
             bar.update(task, advance=len(batch), stats=f"{new_tokens:,} new tokens")
-    del torch
     return written

@@ -46,8 +46,11 @@ def render_chat(tok: Any, messages: list[dict[str, str]], where: str) -> tuple[l
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _ids(tok, tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else []
         upto = _ids(tok, tok.apply_chat_template(messages[: i + 1], tokenize=False))
+        if i:
+            before = _ids(tok, tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        else:
+            before = _opening_header(tok, upto)
         if full[: len(upto)] != upto or upto[: len(before)] != before:
             raise RlhfError(
                 f"{where}: the chat template does not render turns as prefixes, so assistant tokens cannot be marked",
@@ -62,6 +65,17 @@ def render_chat(tok: Any, messages: list[dict[str, str]], where: str) -> tuple[l
         for j in range(len(before), end):
             mask[j] = 1
     return full, mask
+
+
+def _opening_header(tok: Any, upto: list[int]) -> list[int]:
+    """The assistant header that starts a conversation opening with an assistant turn, so that turn
+    does not train on it. transformers refuses to render zero messages, so the header is what the
+    generation prompt adds after a probe turn; [] if the conversation does not start with it."""
+    probe = [{"role": "user", "content": ""}]
+    plain = tok.apply_chat_template(probe, tokenize=False)
+    prompted = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    header = _ids(tok, prompted[len(plain) :]) if prompted.startswith(plain) else []
+    return header if upto[: len(header)] == header else []
 
 
 def _eos_ids(tok: Any) -> list[int]:
@@ -140,6 +154,8 @@ def epoch_examples(sources: list[Source], seed: int, epoch: int) -> list[Example
 
 def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit-decreasing bin packing: indices of `lengths` grouped into rows of <= capacity tokens."""
+    if lengths and max(lengths) > capacity:
+        raise ValueError(f"an item of length {max(lengths)} cannot fit a row of {capacity} (truncate first)")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (remaining capacity, row index)
@@ -191,7 +207,9 @@ def collate(mb: Microbatch, pad_id: int) -> dict[str, Any]:
     block-diagonal causal mask (no attention across example boundaries). Short rows are filled
     with pad tokens that have their own restarting positions and no loss, so they touch nothing.
     If every row is a single example we pass a classic right-padding attention mask instead.
-    labels hold the token id where the mask is 1 and -100 elsewhere.
+    labels hold the token id where the mask is 1 and -100 elsewhere, and always -100 on each
+    example's first token: in a packed row the token before it is the previous example's last,
+    and that prediction crosses the boundary (an unpacked example has no such target either).
     """
     import torch
 
@@ -202,7 +220,7 @@ def collate(mb: Microbatch, pad_id: int) -> dict[str, Any]:
         fill = width - len(r_ids)
         ids.append(r_ids + [pad_id] * fill)
         pos.append([p for e in row for p in range(len(e.ids))] + list(range(fill)))
-        lab.append([t if m else -100 for e in row for t, m in zip(e.ids, e.mask, strict=False)] + [-100] * fill)
+        lab.append([t if m and j else -100 for e in row for j, (t, m) in enumerate(zip(e.ids, e.mask, strict=True))] + [-100] * fill)
         att.append([1] * len(r_ids) + [0] * fill)
     batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(lab)}
     if any(len(row) > 1 for row in mb):

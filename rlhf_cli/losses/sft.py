@@ -78,7 +78,11 @@ def linear_cross_entropy_sum(
 ) -> torch.Tensor:
     """Sum over rows of -log softmax(h W^T + b)[y].  h: (N, H), weight: (V, H), targets: (N,) -> ()"""
     if h.shape[0] == 0:
-        return (h.sum() + weight.sum()) * 0.0  # keeps the graph (DDP needs every param used)
+        # zero, but keeps the graph: DDP needs every parameter used, the bias included
+        return (h.sum() + weight.sum() + (0.0 if bias is None else bias.sum())) * 0.0
+    if not torch.is_grad_enabled():
+        # eval: the fused forward would also build the (V, H) weight gradient, for nothing
+        return -linear_token_logprobs(h, weight, targets, bias, chunk).sum()
     return _FusedLinearCE.apply(h, weight, bias, targets, chunk)
 
 

@@ -1,0 +1,63 @@
+"""The embedded-default task for `make demo`: two-number addition with a checkable answer.
+
+    python examples/arithmetic.py data OUTDIR [--train N] [--test N]   # OUTDIR/train.jsonl, test.jsonl
+    python examples/arithmetic.py score before.jsonl after.jsonl        # exact-match accuracy table
+
+Train rows are `{"prompt": "What is 23+45?", "completion": "68"}`; test rows are prompts with a
+reference `answer` field that `rlhf sample` passes through untouched, so scoring needs nothing but
+the sample output. Test sums are held out: no (a, b) pair of the test set is in the training set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+
+def make_data(out: Path, n_train: int, n_test: int, hi: int, seed: int) -> None:
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(hi) for b in range(hi)]
+    rng.shuffle(pairs)
+    test, train_pool = pairs[:n_test], pairs[n_test:]
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "train.jsonl").open("w") as f:
+        for _ in range(n_train):
+            a, b = rng.choice(train_pool)
+            f.write(json.dumps({"prompt": f"What is {a}+{b}?", "completion": str(a + b)}) + "\n")
+    with (out / "test.jsonl").open("w") as f:
+        for i, (a, b) in enumerate(test):
+            f.write(json.dumps({"id": f"sum-{i}", "prompt": f"What is {a}+{b}?", "answer": str(a + b)}) + "\n")
+    print(f"wrote {n_train} training rows and {len(test)} held-out prompts to {out}/", file=sys.stderr)
+
+
+def accuracy(path: str) -> tuple[float, int]:
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    hits = sum(c.strip() == r["answer"] for r in rows for c in r["completions"][:1])
+    return hits / len(rows), len(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("data")
+    d.add_argument("out", type=Path)
+    d.add_argument("--train", type=int, default=20000)
+    d.add_argument("--test", type=int, default=200)
+    d.add_argument("--max", type=int, default=50, help="operands are drawn from [0, max)")
+    d.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("score")
+    s.add_argument("files", nargs="+")
+    args = ap.parse_args()
+    if args.cmd == "data":
+        make_data(args.out, args.train, args.test, args.max, args.seed)
+    else:
+        for f in args.files:
+            acc, n = accuracy(f)
+            print(f"{f}: exact-match accuracy {acc:.1%} on {n} held-out sums")
+
+
+if __name__ == "__main__":
+    main()
