@@ -34,7 +34,8 @@ def make_data(out: Path, n_train: int, n_test: int, hi: int, seed: int) -> None:
 
 
 def accuracy(path: str) -> tuple[float, int]:
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     hits = sum(c.strip() == r["answer"] for r in rows for c in r["completions"][:1])
     return hits / len(rows), len(rows)
 

@@ -17,9 +17,9 @@ def is_main_process() -> bool:
 
 def info(msg: str) -> None:
     if is_main_process():
-        err.print(escape(msg))
+        err.print(escape(msg), soft_wrap=True)
 
 
 def warn(msg: str) -> None:
     if is_main_process():
-        err.print(f"[yellow]warning:[/] {escape(msg)}")
+        err.print(f"[yellow]warning:[/] {escape(msg)}", soft_wrap=True)

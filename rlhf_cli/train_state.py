@@ -65,7 +65,11 @@ def save_state(state_dir: str | Path, step: int, model: Any, optimizer: Any, ext
         (tmp / "state.json").write_bytes(orjson.dumps(meta))
     with atomic_file(state_dir / "latest") as f:
         f.write(name.encode())
-    for old in sorted(state_dir.glob("step-*"))[:-keep]:
+    # prune by step number, not by listing order: a step directory *newer* than this one is a
+    # leftover of an abandoned run and must go, while this one (now `latest`) must stay
+    older = sorted(d for d in state_dir.glob("step-*") if d.name < name)
+    stale = [d for d in state_dir.glob("step-*") if d.name > name]
+    for old in older[: max(0, len(older) - (keep - 1))] + stale:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -91,3 +95,15 @@ def load_state(state_dir: str | Path, model: Any, optimizer: Any) -> ResumePoint
     version, internal, gauss = meta["python_random"]
     random.setstate((version, tuple(internal), gauss))
     return ResumePoint(meta["step"], meta["extra"])
+
+
+def check_resume_key(state_dir: str | Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume with options that change the data plan or the parameters (a silent mix-up)."""
+    current = orjson.loads(orjson.dumps(current))  # tuples -> lists, as stored
+    diff = [k for k in current if k in saved and saved[k] != current[k]]
+    if diff:
+        was = ", ".join(f"{k}={saved[k]!r}" for k in diff)
+        raise RlhfError(
+            f"{state_dir}: saved by a run with different options ({was})",
+            "resume with the same options, or start fresh without --resume",
+        )

@@ -67,6 +67,24 @@ def global_grad_norm_clip(params: list[torch.Tensor], max_norm: float) -> float:
     return float(norm)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (transformers 5 renamed gradient_checkpointing_enable)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def adamw(params: list[torch.Tensor], lr: float, weight_decay: float, device: str) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms and biases, as in GPT-2 / nanoGPT)."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.startswith("cuda") or None)
+
+
 def add_lora(model: nn.Module, r: int, alpha: float) -> nn.Module:
     """Wrap with a peft LoRA adapter on every linear layer of the decoder (not the head)."""
     from peft import LoraConfig, get_peft_model

@@ -203,3 +203,15 @@ def test_duplicate_given_ids_are_rejected() -> None:
     lines = [_line({"id": "q", "prompt": "a"}, 1), _line({"id": "r", "prompt": "b"}, 2), _line({"id": "q", "prompt": "c"}, 5)]
     with pytest.raises(RlhfError, match=r"^d\.jsonl:5: duplicate id 'q' \(first at d\.jsonl:1\)"):
         assign_ids([parse_prompt_row(ln) for ln in lines])
+
+
+def test_assigned_id_never_collides_with_a_given_id(tmp_path):
+    from rlhf_cli.data.jsonl import read_jsonl
+    from rlhf_cli.data.records import PromptRow, assign_ids, content_id, parse_prompt_row
+
+    # the second row explicitly takes the id the first row's content hash would get
+    probe = PromptRow("", "hello", None, {"prompt": "hello"})
+    path = write_jsonl(tmp_path, "p.jsonl", [{"prompt": "hello"}, {"id": content_id(probe), "prompt": "other"}])
+    rows = assign_ids([parse_prompt_row(line) for line in read_jsonl(str(path))])
+    assert rows[1].id == content_id(probe)
+    assert rows[0].id == content_id(probe) + "-2"

@@ -12,6 +12,7 @@ Hugging Face checkpoint directory (safetensors + tokenizer + `rlhf.json` manifes
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rlhf_cli.console import info
+from rlhf_cli.console import info, warn
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.options import DeviceOpt, DtypeOpt, FormatOpt, ModelOpt, SeedOpt, TrustOpt, check_choice
 
@@ -158,11 +159,11 @@ def load_sources(cfg: SftConfig) -> tuple[list[tuple[str, float, list[Any]]], li
     return sources, eval_rows
 
 
-def run(cfg: SftConfig) -> dict[str, Any]:
-    """Train and save; returns the final metrics (also written to OUT/rlhf.json)."""
+def validate(cfg: SftConfig) -> Any:
+    """Option combinations, the resume state, the output dir and the model spec; returns the spec."""
     from rlhf_cli.models.checkpoint import check_out_dir
+    from rlhf_cli.models.loading import parse_model_spec
 
-    # 0. validate everything cheap before touching torch
     if cfg.eval_split and cfg.eval_data:
         raise RlhfError("give --eval-data or --eval-split, not both")
     if not 0 <= cfg.eval_split < 1:
@@ -172,9 +173,13 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     if cfg.resume and not (cfg.state_dir / "latest").is_file():
         raise RlhfError(f"{cfg.state_dir}: no saved training state to resume from", "run without --resume to start fresh")
     check_out_dir(cfg.out)
-    from rlhf_cli.models.loading import parse_model_spec
+    return parse_model_spec(cfg.model)
 
-    spec = parse_model_spec(cfg.model)
+
+def run(cfg: SftConfig) -> dict[str, Any]:
+    """Train and save; returns the final metrics (also written to OUT/rlhf.json)."""
+    # 0. validate everything cheap before touching torch
+    spec = validate(cfg)
     raw_sources, eval_rows = load_sources(cfg)
 
     import torch
@@ -182,11 +187,18 @@ def run(cfg: SftConfig) -> dict[str, Any]:
     from rlhf_cli import runtime
     from rlhf_cli.data import sft_data
     from rlhf_cli.metrics import MetricsLog, progress_bar
-    from rlhf_cli.models import checkpoint
     from rlhf_cli.models.loading import load_model, load_tokenizer
     from rlhf_cli.schedules import lr_factor
-    from rlhf_cli.train_state import load_state, save_state
-    from rlhf_cli.training import CausalLMLoss, add_lora, evaluate, global_grad_norm_clip, merge_or_keep_lora
+    from rlhf_cli.train_state import check_resume_key, load_state, save_state
+    from rlhf_cli.training import (
+        CausalLMLoss,
+        adamw,
+        add_lora,
+        enable_activation_checkpointing,
+        evaluate,
+        global_grad_norm_clip,
+        merge_or_keep_lora,
+    )
 
     # 1. runtime: processes, device, seed
     dist = runtime.init_distributed(cfg.device)
@@ -195,40 +207,17 @@ def run(cfg: SftConfig) -> dict[str, Any]:
 
     # 2. tokenizer, data plan (deterministic from the seed; identical on every rank)
     tok = load_tokenizer(spec, cfg.trust_remote_code)
-    sources = []
-    for _path, weight, rows in raw_sources:
-        sources.append(sft_data.Source(sft_data.tokenize_rows(tok, rows, cfg.format, cfg.max_len), weight))
-    eval_examples = sft_data.tokenize_rows(tok, eval_rows, cfg.format, cfg.max_len) if eval_rows else []
-    if cfg.eval_split:
-        import random
-
-        pool = list(sources[0].examples)
-        random.Random(f"{cfg.seed}:eval").shuffle(pool)
-        n_eval = max(1, round(cfg.eval_split * len(pool)))
-        eval_examples, sources[0] = pool[:n_eval], sft_data.Source(pool[n_eval:], sources[0].weight)
+    sources, eval_examples = tokenize_sources(cfg, tok, raw_sources, eval_rows)
     per_step = cfg.grad_accum * dist.world
-    plan: list[sft_data.Microbatch] = []
-    epoch = 0
-    while True:
-        epoch_mbs = sft_data.plan_epoch(sources, cfg.seed, epoch, cfg.batch_size, cfg.max_len, cfg.packing)
-        plan.extend(epoch_mbs[: len(epoch_mbs) // per_step * per_step])  # whole steps only
-        epoch += 1
-        if len(epoch_mbs) < per_step:
-            raise RlhfError(
-                f"too little data for one optimizer step ({len(epoch_mbs)} microbatches, need {per_step})",
-                "lower --batch-size / --grad-accum or add rows",
-            )
-        if cfg.max_steps is None and epoch >= cfg.epochs or cfg.max_steps is not None and len(plan) >= cfg.max_steps * per_step:
-            break
+    plan, n_epochs = plan_steps(cfg, sources, per_step)
     total_steps = cfg.max_steps if cfg.max_steps is not None else len(plan) // per_step
     warmup = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
     eval_mbs = sft_data.plan_epoch([sft_data.Source(eval_examples, 1.0)], cfg.seed, 0, cfg.batch_size, cfg.max_len, cfg.packing) if eval_examples else []
 
     # 3. model (+ LoRA), optimizer, optional resume
     model = load_model(spec, tok, "fp32", cfg.trust_remote_code)
-    model.config.use_cache = False
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if cfg.lora_r:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha)
     model.to(device)
@@ -239,16 +228,19 @@ def run(cfg: SftConfig) -> dict[str, Any]:
 
         ddp = DistributedDataParallel(loss_mod, device_ids=[device] if device.startswith("cuda") else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.startswith("cuda") or None,
-    )
+    optimizer = adamw(params, cfg.lr, cfg.weight_decay, device)
+    resume_key = _resume_key(cfg, per_step)
     start = 0
     if cfg.resume:
-        start = load_state(cfg.state_dir, model, optimizer).step
+        point = load_state(cfg.state_dir, model, optimizer)
+        check_resume_key(cfg.state_dir, point.extra.get("plan", {}), resume_key)
+        start = point.step
         info(f"resuming from step {start} ({cfg.state_dir})")
+    elif dist.main and cfg.state_dir.exists():
+        if (cfg.state_dir / "latest").is_file():
+            warn(f"{cfg.state_dir}: discarding the saved state of an earlier run (pass --resume to continue it)")
+        shutil.rmtree(cfg.state_dir)
+    runtime.barrier()
     metrics = MetricsLog(cfg.state_dir / "metrics.jsonl", resume_step=start if cfg.resume else None) if dist.main else None
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     info(
@@ -287,7 +279,7 @@ def run(cfg: SftConfig) -> dict[str, Any]:
             loss = runtime.all_reduce_sum(loss_sum, device) / n_targets
             dt = time.perf_counter() - t0
             last = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
-                    "tokens_per_s": n_tokens / dt, "epoch": _epoch_of(step, plan, per_step, epoch)}
+                    "tokens_per_s": n_tokens / dt, "epoch": _epoch_of(step, plan, per_step, n_epochs)}
             if eval_mbs and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == total_steps):
                 last["eval_loss"] = evaluate(loss_mod, eval_mbs, tok.pad_token_id, device, dist, autocast)
             if metrics:
@@ -295,25 +287,76 @@ def run(cfg: SftConfig) -> dict[str, Any]:
             bar.update(task, advance=1, stats=f"loss {loss:.4f}  lr {lr:.2e}  {n_tokens / dt:,.0f} tok/s")
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
                 if dist.main:
-                    save_state(cfg.state_dir, step + 1, model, optimizer, {"seed": cfg.seed})
+                    save_state(cfg.state_dir, step + 1, model, optimizer, {"plan": resume_key})
                 runtime.barrier()
 
-    # 5. save the checkpoint once (rank 0), atomically, with its manifest
+    # 5. save the checkpoint once (rank 0), atomically, with its manifest; then drop the resume state
     final = {k: v for k, v in last.items() if k != "lr"}
     final["train_seconds"] = time.perf_counter() - t_start
     if dist.main:
-        model = merge_or_keep_lora(model, cfg.keep_adapter)
-        inputs = [parse_data_spec(s)[0] for s in cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])
-        manifest = checkpoint.build_manifest("sft", asdict(cfg), inputs, cfg.model, final)
-        metrics_bytes = (cfg.state_dir / "metrics.jsonl").read_bytes()
-        checkpoint.save_checkpoint(model, tok, cfg.out, manifest, extra={"metrics.jsonl": metrics_bytes})
-        import shutil
-
-        shutil.rmtree(cfg.state_dir, ignore_errors=True)
-        info(f"saved {cfg.out}  loss {final.get('loss', float('nan')):.4f}" + (f"  eval {final['eval_loss']:.4f}" if "eval_loss" in final else ""))
+        save_final(cfg, merge_or_keep_lora(model, cfg.keep_adapter), tok, final)
     runtime.barrier()
     runtime.cleanup_distributed()
     return final
+
+
+def save_final(cfg: SftConfig, model: Any, tok: Any, final: dict[str, Any]) -> None:
+    from rlhf_cli.models import checkpoint
+
+    inputs = [parse_data_spec(s)[0] for s in cfg.data] + ([cfg.eval_data] if cfg.eval_data else [])
+    manifest = checkpoint.build_manifest("sft", asdict(cfg), inputs, cfg.model, final)
+    metrics_bytes = (cfg.state_dir / "metrics.jsonl").read_bytes()
+    checkpoint.save_checkpoint(model, tok, cfg.out, manifest, extra={"metrics.jsonl": metrics_bytes})
+    shutil.rmtree(cfg.state_dir, ignore_errors=True)
+    info(f"saved {cfg.out}  loss {final.get('loss', float('nan')):.4f}" + (f"  eval {final['eval_loss']:.4f}" if "eval_loss" in final else ""))
+
+
+def tokenize_sources(cfg: SftConfig, tok: Any, raw_sources: list[tuple[str, float, list[Any]]], eval_rows: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Token ids + masks of every source, and the eval examples (--eval-data, or held out by --eval-split)."""
+    import random
+
+    from rlhf_cli.data import sft_data
+
+    sources = [sft_data.Source(sft_data.tokenize_rows(tok, rows, cfg.format, cfg.max_len), w) for _p, w, rows in raw_sources]
+    eval_examples = sft_data.tokenize_rows(tok, eval_rows, cfg.format, cfg.max_len) if eval_rows else []
+    if cfg.eval_split:
+        # held out from the first source, by a seeded shuffle that does not depend on anything else
+        pool = list(sources[0].examples)
+        random.Random(f"{cfg.seed}:eval").shuffle(pool)
+        n_eval = max(1, round(cfg.eval_split * len(pool)))
+        if n_eval >= len(pool):
+            raise RlhfError(f"--eval-split {cfg.eval_split} leaves no training rows out of {len(pool)}", "lower --eval-split or add rows")
+        eval_examples, sources[0] = pool[:n_eval], sft_data.Source(pool[n_eval:], sources[0].weight)
+    return sources, eval_examples
+
+
+def plan_steps(cfg: SftConfig, sources: list[Any], per_step: int) -> tuple[list[Any], int]:
+    """All microbatches of the run, epoch after epoch, cut to whole optimizer steps; and the epoch count.
+
+    Step s uses microbatches [s * per_step, (s + 1) * per_step), so the plan is a pure function of
+    the seed and the options: a resumed run or another rank rebuilds exactly the same one.
+    """
+    from rlhf_cli.data import sft_data
+
+    plan: list[Any] = []
+    epoch = 0
+    while True:
+        epoch_mbs = sft_data.plan_epoch(sources, cfg.seed, epoch, cfg.batch_size, cfg.max_len, cfg.packing)
+        if len(epoch_mbs) < per_step:
+            raise RlhfError(
+                f"too little data for one optimizer step ({len(epoch_mbs)} microbatches, need {per_step})",
+                "lower --batch-size / --grad-accum or add rows",
+            )
+        plan.extend(epoch_mbs[: len(epoch_mbs) // per_step * per_step])  # whole steps only
+        epoch += 1
+        if cfg.max_steps is None and epoch >= cfg.epochs or cfg.max_steps is not None and len(plan) >= cfg.max_steps * per_step:
+            return plan, epoch
+
+
+def _resume_key(cfg: SftConfig, per_step: int) -> dict[str, Any]:
+    """The options that fix the data plan and the parameters; a resumed run must repeat them."""
+    keys = ("data", "model", "format", "max_len", "packing", "batch_size", "seed", "eval_data", "eval_split", "lora_r")
+    return {**{k: getattr(cfg, k) for k in keys}, "microbatches_per_step": per_step}
 
 
 def _epoch_of(step: int, plan: list[Any], per_step: int, n_epochs: int) -> float:

@@ -22,7 +22,7 @@ Sample rows (output of `sample`, one per prompt)
     `finish_reasons`      list of K, each "stop" (EOS or a stop string) or "length"
     `completion_tokens`   list of K token counts
     `prompt_tokens`       token count of the rendered prompt
-    `sampling`            {"model", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "n"}
+    `sampling`            {"model", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "n", "stop"}
     with `--logprobs`: `completion_token_ids` and `logprobs` (K lists, one float per token: the
     log-probability of the sampled token under the model's raw distribution, temperature 1).
 """
@@ -131,19 +131,26 @@ def content_id(row: PromptRow) -> str:
 
 
 def assign_ids(rows: list[PromptRow]) -> list[PromptRow]:
-    """Fill in missing ids (content hash, `-2`, `-3` ... for repeats) and reject duplicate given ids."""
-    seen: dict[str | int, str] = {}
+    """Fill in missing ids (content hash, `-2`, `-3` ... for repeats) and reject duplicate given ids.
+
+    Given ids are collected first, so an assigned hash never collides with an id the user wrote.
+    """
+    given: dict[str | int, str] = {}
+    for row in rows:
+        if "id" in row.extra:
+            if row.id in given:
+                raise RlhfError(f"{row.where}: duplicate id {row.id!r} (first at {given[row.id]})", "ids must be unique")
+            given[row.id] = row.where
+    taken: set[str | int] = set(given)
     out = []
     for row in rows:
         rid: str | int = row.id
-        if rid == "" and "id" not in row.extra:
+        if "id" not in row.extra:
             base = content_id(row)
             rid, k = base, 1
-            while rid in seen:
+            while rid in taken:
                 k += 1
                 rid = f"{base}-{k}"
-        elif rid in seen:
-            raise RlhfError(f"{row.where}: duplicate id {rid!r} (first at {seen[rid]})", "ids must be unique")
-        seen[rid] = row.where
+            taken.add(rid)
         out.append(PromptRow(rid, row.prompt, row.messages, row.extra, row.where))
     return out

@@ -88,16 +88,18 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
         yield tmp
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             out.rename(old)
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)  # the swap failed half way: put the previous directory back
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(model: Any, tokenizer: Any, out: str | Path, manifest: dict[str, Any], extra: dict[str, bytes] | None = None) -> Path:
