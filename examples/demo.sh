@@ -19,8 +19,8 @@ $RLHF sample "$OUT/test.jsonl" --model builtin:tiny --temperature 0 --max-new-to
 
 echo "== rlhf sft builtin:tiny on $OUT/train.jsonl" >&2
 $RLHF sft "$OUT/train.jsonl" --model builtin:tiny --out "$OUT/sft" \
-    --lr 3e-3 --schedule wsd --warmup 50 --decay-frac 0.3 --batch-size 8 --max-len 256 --epochs 4 \
-    --eval-split 0.02 --eval-every 200 --save-every 200
+    --lr 1e-3 --schedule wsd --warmup 50 --decay-frac 0.3 --batch-size 8 --max-len 256 --epochs 2 \
+    --eval-split 0.02 --eval-every 100 --save-every 200
 
 echo "== after: sampling $OUT/sft" >&2
 $RLHF sample "$OUT/test.jsonl" --model "$OUT/sft" --temperature 0 --max-new-tokens 6 -b 100 > "$OUT/after.jsonl"

@@ -25,7 +25,7 @@ $RLHF sample examples/data/short_answers_prompts.jsonl --model "$GGUF" "${SAMPLE
 
 echo "== rlhf sft: 20 demonstrations, 12 steps" >&2
 $RLHF sft examples/data/short_answers.jsonl --model "$GGUF" --out "$OUT/sft" \
-    --lr 1e-5 --batch-size 4 --max-steps 12 --max-len 256 --warmup 2 --save-every 0
+    --lr 5e-5 --batch-size 4 --max-steps 12 --max-len 256 --warmup 2 --save-every 0
 
 echo "== after ($OUT/sft)" >&2
 $RLHF sample examples/data/short_answers_prompts.jsonl --model "$OUT/sft" "${SAMPLE[@]}" > "$OUT/after.jsonl"
