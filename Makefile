@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # the CUDA build from PyPI. Override with `make test TORCH=torch` for whatever is current.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo test test-slow test-server lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+# the api judge against llama.cpp's real server on loopback (builds llama-cpp-python: ~10 min on 2 cores)
+test-server: install
+	$(BIN)/python -m pip install -q -e ".[server]"
+	$(BIN)/python -m pytest -q -m server
 
 lint: install
 	$(BIN)/ruff check rlhf_cli tests benchmarks examples

@@ -1,11 +1,13 @@
 """The embedded-default task for `make demo`: two-number addition with a checkable answer.
 
-    python examples/arithmetic.py data OUTDIR [--train N] [--test N]   # OUTDIR/train.jsonl, test.jsonl
+    python examples/arithmetic.py data OUTDIR [--train N] [--test N] [--rm N]   # train, test, rm_prompts .jsonl
     python examples/arithmetic.py score before.jsonl after.jsonl        # exact-match accuracy table
 
 Train rows are `{"prompt": "What is 23+45?", "completion": "68"}`; test rows are prompts with a
 reference `answer` field that `rlhf sample` passes through untouched, so scoring needs nothing but
 the sample output. Test sums are held out: no (a, b) pair of the test set is in the training set.
+`rm_prompts.jsonl` holds prompts (with `answer`) from the training pool for the reward-model stage:
+the SFT model samples K candidates for each, and `rlhf pairwise --judge rule:exact` labels them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 from pathlib import Path
 
 
-def make_data(out: Path, n_train: int, n_test: int, hi: int, seed: int) -> None:
+def make_data(out: Path, n_train: int, n_test: int, n_rm: int, hi: int, seed: int) -> None:
     rng = random.Random(seed)
     pairs = [(a, b) for a in range(hi) for b in range(hi)]
     rng.shuffle(pairs)
@@ -30,7 +32,11 @@ def make_data(out: Path, n_train: int, n_test: int, hi: int, seed: int) -> None:
     with (out / "test.jsonl").open("w") as f:
         for i, (a, b) in enumerate(test):
             f.write(json.dumps({"id": f"sum-{i}", "prompt": f"What is {a}+{b}?", "answer": str(a + b)}) + "\n")
-    print(f"wrote {n_train} training rows and {len(test)} held-out prompts to {out}/", file=sys.stderr)
+    with (out / "rm_prompts.jsonl").open("w") as f:
+        for i in range(n_rm):
+            a, b = rng.choice(train_pool)
+            f.write(json.dumps({"id": f"rm-{i}", "prompt": f"What is {a}+{b}?", "answer": str(a + b)}) + "\n")
+    print(f"wrote {n_train} training rows, {len(test)} held-out prompts and {n_rm} reward-model prompts to {out}/", file=sys.stderr)
 
 
 def accuracy(path: str) -> tuple[float, int]:
@@ -47,13 +53,14 @@ def main() -> None:
     d.add_argument("out", type=Path)
     d.add_argument("--train", type=int, default=20000)
     d.add_argument("--test", type=int, default=200)
+    d.add_argument("--rm", type=int, default=1000, help="prompts for the reward-model stage")
     d.add_argument("--max", type=int, default=50, help="operands are drawn from [0, max)")
     d.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("score")
     s.add_argument("files", nargs="+")
     args = ap.parse_args()
     if args.cmd == "data":
-        make_data(args.out, args.train, args.test, args.max, args.seed)
+        make_data(args.out, args.train, args.test, args.rm, args.max, args.seed)
     else:
         for f in args.files:
             acc, n = accuracy(f)

