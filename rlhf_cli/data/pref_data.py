@@ -220,15 +220,28 @@ def eos_id(tok: Any) -> int:
 
 def prompt_ids(tok: Any, prompt: str | None, messages: Any, fmt: str, raw: bool = False) -> list[int]:
     """The prompt as `rlhf sample` renders it: chat template + generation prompt, or plain text
-    (with BOS when the tokenizer adds one). Transcript rows (`raw`) are always plain text."""
+    (with BOS when the tokenizer adds one). Transcript rows (`raw`) are always plain text.
+
+    An encoder's tokenizer (BERT: `[CLS] text [SEP]`) starts every sequence with its [CLS] token:
+    that is where the encoder's classification head reads (models/reward.py). An encoder with no
+    chat template of its own (the ChatML default needs an EOS) must use the raw format."""
+    lead = _lead_token(tok)
     if messages is not None or (fmt == "chat" and not raw):
         from rlhf_cli.generation import render_prompt
 
-        return render_prompt(tok, prompt, messages, "chat")
-    ids = tok(prompt or "", add_special_tokens=False)["input_ids"]
-    bos = tok.bos_token_id
-    adds_bos = bos is not None and tok("a")["input_ids"][:1] == [bos]
-    return [bos, *ids] if adds_bos else ids
+        cls = getattr(tok, "cls_token_id", None)
+        if tok.eos_token is None and cls is not None and "eos_token" in (getattr(tok, "chat_template", None) or ""):
+            raise RlhfError("the model is an encoder (its tokenizer has [CLS] but no EOS), which has no chat template",
+                            "pass --format raw (message-list prompts need a decoder with a chat template)")
+        ids = render_prompt(tok, prompt, messages, "chat")
+        return [cls, *ids] if cls is not None and lead == [cls] and ids[:1] != lead else ids
+    return [*lead, *tok(prompt or "", add_special_tokens=False)["input_ids"]]
+
+
+def _lead_token(tok: Any) -> list[int]:
+    """[the special token the tokenizer opens every text with] (BOS, BERT's [CLS]), or []."""
+    first = tok("a")["input_ids"][:1]
+    return first if first and first[0] in (tok.bos_token_id, getattr(tok, "cls_token_id", None)) and first[0] is not None else []
 
 
 def completion_ids(tok: Any, text: str) -> list[int]:

@@ -15,6 +15,14 @@ the prompt (ChatML closes every prompt turn with EOS), where chosen and rejected
 reward model then sits at loss log 2 = 0.693. We read the head at index `attention_mask.sum(1) - 1`
 of right-padded rows, which is EOS whatever the pad id is; and the checkpoint's tokenizer gets a pad
 token distinct from EOS (`ensure_distinct_pad`), so transformers' pooling reads the same token.
+
+Encoders (BERT, RoBERTa, DeBERTa, ...: no `score` head) are bidirectional, so every position sees
+the whole sequence and their pretrained pooling reads the *first* token: sequences are built as
+`[CLS] prompt completion [SEP]` ([SEP] stands in for the EOS they lack, pref_data) and the reward
+is the model's own head on the [CLS] state (BERT: `classifier(pooler(h[:, 0]))`). Training,
+`score()` and plain `AutoModelForSequenceClassification.from_pretrained(dir)` then agree, and
+right padding changes nothing. Their chat format is the ChatML default on plain text: use
+`--format raw` (any [CLS] is still prepended).
 """
 
 from __future__ import annotations
@@ -82,7 +90,7 @@ def load_reward_model(spec: Any, tok: Any, dtype: str = "fp32", trust_remote_cod
     if model.config.num_labels != 1:
         raise RlhfError(f"{spec.raw}: a reward model needs one output, this one has {model.config.num_labels}")
     model.config.pad_token_id = tok.pad_token_id
-    if fresh_head and hasattr(model, "score"):
+    if fresh_head:
         init_score_head(model)
     return model
 
@@ -101,8 +109,11 @@ def _quiet_transformers() -> Iterator[None]:
 
 def init_score_head(model: Any, seed: int = 0) -> None:
     """N(0, 1/(H+1)) head, as in Ziegler et al. 2019 (lm-human-preferences): the initial rewards are
-    O(1) for unit-scale final hidden states, so the loss starts near log 2 and the head learns fast."""
-    head = model.score
+    O(1) for unit-scale final hidden states, so the loss starts near log 2 and the head learns fast.
+    A decoder's head is `score`, an encoder's a linear `classifier` (others keep their own init)."""
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if not isinstance(head, nn.Linear):
+        return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         nn.init.normal_(head.weight, std=1 / math.sqrt(head.weight.shape[1] + 1))
@@ -132,7 +143,7 @@ def sequence_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.
 
     The head runs on those N hidden states only (it is linear, so this equals transformers' head on
     all positions followed by the gather). Models without a `score` head (encoders: BERT-style pool
-    their first token) use their own forward.
+    their first token, [CLS]) use their own forward, exactly as plain transformers does.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = getattr(inner, "score", None)
