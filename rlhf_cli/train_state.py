@@ -107,3 +107,23 @@ def check_resume_key(state_dir: str | Path, saved: dict[str, Any], current: dict
             f"{state_dir}: saved by a run with different options ({was})",
             "resume with the same options, or start fresh without --resume",
         )
+
+
+def start_or_resume(state_dir: Path, resume: bool, model: Any, optimizer: Any, key: dict[str, Any], main: bool) -> int:
+    """The step to start from: the saved one with `--resume` (after checking `key`), else 0.
+
+    A fresh run removes a state directory left by an earlier run (rank 0 only; callers put a
+    barrier after this) so its step files are never mixed into the new run.
+    """
+    from rlhf_cli.console import info, warn
+
+    if resume:
+        point = load_state(state_dir, model, optimizer)
+        check_resume_key(state_dir, point.extra.get("plan", {}), key)
+        info(f"resuming from step {point.step} ({state_dir})")
+        return point.step
+    if main and state_dir.exists():
+        if (state_dir / "latest").is_file():
+            warn(f"{state_dir}: discarding the saved state of an earlier run (pass --resume to continue it)")
+        shutil.rmtree(state_dir)
+    return 0

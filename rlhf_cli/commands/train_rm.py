@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
-from rlhf_cli.console import info, warn
+from rlhf_cli.console import info
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.options import DeviceOpt, DtypeOpt, FormatOpt, ModelOpt, SeedOpt, TrustOpt, check_choice
 
@@ -176,7 +176,7 @@ def run(cfg: RmConfig) -> dict[str, Any]:
     from rlhf_cli.models.loading import load_tokenizer
     from rlhf_cli.models.reward import RewardForward, add_reward_lora, ensure_distinct_pad, load_reward_model
     from rlhf_cli.schedules import lr_factor
-    from rlhf_cli.train_state import check_resume_key, load_state, save_state
+    from rlhf_cli.train_state import save_state, start_or_resume
     from rlhf_cli.training import adamw, enable_activation_checkpointing, global_grad_norm_clip
 
     # 1. runtime: processes, device, seed
@@ -211,16 +211,7 @@ def run(cfg: RmConfig) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, cfg.lr, cfg.weight_decay, device)
     resume_key = _resume_key(cfg, per_step)
-    start = 0
-    if cfg.resume:
-        point = load_state(cfg.state_dir, model, optimizer)
-        check_resume_key(cfg.state_dir, point.extra.get("plan", {}), resume_key)
-        start = point.step
-        info(f"resuming from step {start} ({cfg.state_dir})")
-    elif dist.main and cfg.state_dir.exists():
-        if (cfg.state_dir / "latest").is_file():
-            warn(f"{cfg.state_dir}: discarding the saved state of an earlier run (pass --resume to continue it)")
-        shutil.rmtree(cfg.state_dir)
+    start = start_or_resume(cfg.state_dir, cfg.resume, model, optimizer, resume_key, dist.main)
     runtime.barrier()
     metrics = MetricsLog(cfg.state_dir / "metrics.jsonl", resume_step=start if cfg.resume else None) if dist.main else None
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
