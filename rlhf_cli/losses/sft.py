@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlhf_cli.kernels import fused_linear_logprobs
+
 IGNORE = -100
 
 
@@ -92,10 +94,9 @@ def reference_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: 
 
 
 @torch.no_grad()
-def linear_token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
-    """log p(y_i | h_i) for each row, chunked (no grad).  h: (N, H), targets: (N,) -> (N,) float32"""
-    out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    for s in range(0, h.shape[0], chunk):
-        logits = F.linear(h[s : s + chunk], weight, bias).float()
-        out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - torch.logsumexp(logits, -1)
-    return out
+def linear_token_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    """log p(y_i | h_i) for each row, chunked (no grad).  h: (N, H), targets: (N,) -> (N,) float32
+
+    The chunked head + log-softmax core is shared with PPO's scoring: rlhf_cli/kernels (Triton on CUDA).
+    """
+    return fused_linear_logprobs(h, weight, targets, bias, chunk=chunk)
