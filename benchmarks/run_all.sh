@@ -13,3 +13,4 @@ fi
 $PY benchmarks/prepare_model.py
 $PY benchmarks/sft_throughput.py
 $PY benchmarks/sample_throughput.py
+$PY benchmarks/kernels_cpu.py

@@ -3,11 +3,11 @@
 PPO needs log p(y_t | y_<t) of the sampled tokens under the policy and the frozen reference, and the
 policy's entropy for its metrics. The naive `logits.log_softmax(-1).gather(-1, y)` writes a second
 float tensor as large as the logits (N x V: 2048 tokens x 49152 vocabulary = 403 MB in fp32), and its
-backward two more. Here the rows are processed in chunks, so only (chunk, V) floats exist at a time:
+backward two more. Here only a chunk of logits exists at a time:
 
-    token_logprobs(logits, tokens)           logits (..., V) given        -> (...,) fp32
-    fused_linear_logprobs(hidden, W, tokens) final hidden states (..., H)
-                                             and lm_head weight (V, H):   -> (...,) fp32
+    token_logprobs(logits, tokens)           logits (..., V) given: row chunks   -> (...,) fp32
+    fused_linear_logprobs(hidden, W, tokens) final hidden states (..., H) and lm_head weight (V, H):
+                                             (tokens x vocabulary-slice) tiles   -> (...,) fp32
                                              the (N, V) logits never exist, not even in backward
 
 Both take `with_entropy=True` (-> (logp, entropy)), `temperature` (PPO scores at the sampling
@@ -25,7 +25,9 @@ so the forward keeps only lse and E_p[z] per row, and the backward recomputes p 
 
 Speed on CPU: ATen's `exp2` runs about twice as fast as its `exp` (and 3-5x faster than the eager
 log_softmax kernel), so exp(z - max) is computed as exp2(x * log2(e)/T - max * log2(e)/T) in one
-broadcast `add` plus one in-place `exp2_`, inside a cache-sized chunk.
+broadcast `add` plus one in-place `exp2_`, inside a cache-sized chunk. Measured at N=2048, V=49152,
+fp32, 2 threads (benchmarks/kernels_cpu.py): forward 45 ms and 3.7 MiB extra vs 152 ms and 384 MiB
+for the naive gather, 36 ms for torch.compile of it.
 
 Example:
     logp, ent = token_logprobs(logits[:, P - 1 : -1], response_ids, with_entropy=True, mask=response_mask)
