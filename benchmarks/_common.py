@@ -8,6 +8,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -101,3 +102,19 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+def run_worker(cmd: list[str], log: Path) -> float:
+    """Run one benchmark side in its own process (output to `log`); exit with its tail on failure.
+
+    Returns the 1-minute load average just before it started, so a contended run can be spotted.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()[0]
+    print(f"  $ {' '.join(cmd)}   (load {load:.1f})", file=sys.stderr)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, env=bench_env(), stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent)
+    if proc.returncode:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        sys.exit(f"worker failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+    return load

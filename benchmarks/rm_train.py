@@ -34,7 +34,6 @@ import gzip
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,9 +45,9 @@ from _common import (  # noqa: E402
     OURS_PY,
     PEER_PY,
     RESULTS,
-    bench_env,
     cpu_info,
     peak_rss_mib,
+    run_worker,
     set_threads,
     summarize,
     versions,
@@ -103,16 +102,6 @@ def build_plan(cfg_kw: dict, steps: int) -> dict:
             "step_tokens": [pref_data.token_count(mb) for mb in mbs], "knobs": KNOBS, "total_steps": cfg.max_steps}
 
 
-def run_worker(cmd: list[str], log: Path) -> float:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    load = os.getloadavg()[0]
-    print(f"  $ {' '.join(cmd)}   (load {load:.1f})", file=sys.stderr)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=bench_env(), stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent)
-    if proc.returncode:
-        tail = "\n".join(log.read_text().splitlines()[-25:])
-        sys.exit(f"worker failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    return load
 
 
 def main() -> None:

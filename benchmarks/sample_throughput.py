@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HERE, OURS_PY, RESULTS, bench_env, cpu_info, load_alpaca, summarize, versions, write_json  # noqa: E402
+from _common import HERE, OURS_PY, RESULTS, cpu_info, load_alpaca, run_worker, summarize, versions, write_json  # noqa: E402
 from prepare_model import DEFAULT_OUT as MODEL_DIR  # noqa: E402
 from prepare_model import prepare  # noqa: E402
 
@@ -52,14 +51,6 @@ def build_plan(prompts_path: Path, model_dir: Path, args: argparse.Namespace) ->
             "batch_size": args.batch_size, "batches": batches}
 
 
-def run_worker(cmd: list[str], log: Path) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"  $ {' '.join(cmd)}", file=sys.stderr)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=bench_env(), stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent)
-    if proc.returncode:
-        tail = "\n".join(log.read_text().splitlines()[-25:])
-        sys.exit(f"worker failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
 
 
 def analyse(res: dict, warmup: int) -> dict:

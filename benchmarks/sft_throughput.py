@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from _common import (  # noqa: E402
     bench_env,
     cpu_info,
     load_alpaca,
+    run_worker,
     summarize,
     versions,
     write_json,
@@ -80,14 +80,6 @@ def build_plan(data_path: Path, model_dir: Path, packing: bool, batch_size: int,
             "n_examples": sum(len(s.examples) for s in sources)}
 
 
-def run_worker(cmd: list[str], log: Path) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"  $ {' '.join(cmd)}", file=sys.stderr)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=bench_env(), stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent)
-    if proc.returncode:
-        tail = "\n".join(log.read_text().splitlines()[-25:])
-        sys.exit(f"worker failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
 
 
 def analyse(res: dict, plan: dict, warmup: int) -> dict:
