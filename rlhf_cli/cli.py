@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from rlhf_cli import __version__
-from rlhf_cli.commands import pairwise, sample, sft, train_rm
+from rlhf_cli.commands import pairwise, plot, ppo, sample, sft, train_rm
 from rlhf_cli.console import err
 from rlhf_cli.errors import RlhfError
 
@@ -35,6 +35,8 @@ app.command("sft", no_args_is_help=True)(sft.command)
 app.command("sample", no_args_is_help=True)(sample.command)
 app.command("pairwise", no_args_is_help=True)(pairwise.command)
 app.command("train-rm", no_args_is_help=True)(train_rm.command)
+app.command("ppo", no_args_is_help=True)(ppo.command)
+app.command("plot", no_args_is_help=True)(plot.command)
 
 
 def _version(value: bool) -> None:

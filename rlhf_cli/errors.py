@@ -20,3 +20,9 @@ class RlhfError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+
+
+class TrainingStopped(RlhfError):
+    """Training stopped itself (a NaN/inf loss or reward): exit 3, the last good state is kept."""
+
+    exit_code = 3

@@ -1,4 +1,4 @@
-"""Batched sampling with the KV cache, shared by `sample` (and later `ppo` and `eval`).
+"""Batched sampling with the KV cache, and teacher-forced response log-probs, shared by `sample` and `ppo`.
 
 Prompts are left-padded so every sequence's newest token sits at the right edge, which is what
 a KV-cached decoder needs; position ids restart at 0 after each row's padding, so a padded prompt
@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.losses.sft import linear_token_logprobs
 from rlhf_cli.training import _HEAD_EXTRAS
 
 
@@ -76,9 +75,7 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], params: SamplingPar
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)  # a filler, always masked out
     stops = [s for s in params.stop if s]
     rows = [p for p in prompts for _ in range(params.n)]
-    width = max(len(p) for p in rows)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], device=device)  # (N, P)
-    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=device)  # (N, P)
+    ids, prompt_mask = left_pad(rows, pad, device)  # (N, P)
     mask, pos = prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (N, P): 0 at each row's first real token
     rng = torch.Generator(device=device).manual_seed(seed)
     last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
@@ -137,8 +134,9 @@ def _pick(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator) ->
 
 
 def _accepts(model: Any, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft forwards **kwargs
     try:
-        return name in inspect.signature(model.forward).parameters
+        return name in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -149,34 +147,64 @@ def _plain_linear_head(model: Any) -> bool:
     return not any(getattr(cfg, k, None) not in (None, 1.0) for k in _HEAD_EXTRAS)
 
 
+def response_logprobs(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, response: torch.Tensor,
+    response_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log p(response_t | prefix) (and the entropy) for left-padded prompt + right-padded response rows.
+
+    ids, mask: (N, P+G), the prompt in the first `prompt_width` columns; response, response_mask:
+    (N, G), the response tokens (= ids[:, P:]) and which are real. -> (N, G) float32 [, (N, G)],
+    0 on padding, differentiable. Position ids restart after each row's left padding, as in
+    `generate`, so the numbers match what the sampler saw. Logits are divided by `temperature`
+    (PPO's ratios must use the distribution the tokens were drawn from).
+
+    A plain linear head runs fused with the log-softmax (kernels/: the (N, G, V) logits never exist);
+    soft-capped / scaled heads (Gemma 2, Cohere, Granite) go through the model's own logits.
+    """
+    from rlhf_cli.kernels import fused_linear_logprobs, token_logprobs
+
+    p, g = prompt_width, response.shape[1]
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    kw = {"temperature": temperature, "mask": response_mask}
+    if _plain_linear_head(model):
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()
+        h = hidden[:, p - 1 : p - 1 + g]  # (N, G, H): the state before each response token
+        return fused_linear_logprobs(h, head.weight, response, head.bias, with_entropy, **kw)
+    keep = {"logits_to_keep": g + 1} if _accepts(model, "logits_to_keep") else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **keep).logits
+    return token_logprobs(logits[:, -(g + 1) : -1], response, with_entropy, **kw)  # (N, G, V) before each token
+
+
+def pad_responses(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: list[list[int]], pad: int) -> tuple[torch.Tensor, ...]:
+    """Append right-padded responses to left-padded prompts: -> ids, mask (N, P+G), response, response_mask (N, G)."""
+    g = max(1, max((len(r) for r in responses), default=0))
+    device = prompt_ids.device
+    gen = torch.tensor([r + [pad] * (g - len(r)) for r in responses], device=device)  # (N, G)
+    gmask = torch.tensor([[1] * len(r) + [0] * (g - len(r)) for r in responses], device=device)
+    return torch.cat([prompt_ids, gen], 1), torch.cat([prompt_mask, gmask], 1), gen, gmask.bool()
+
+
+def left_pad(prompts: list[list[int]], pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> left-padded ids and mask (N, P)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 def _score(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, comps: list[Completion], pad: int, device: str) -> None:
     """Fill each completion's per-token log-probs with one teacher-forced forward pass.
 
     log p(token_t | prefix) under the model's raw distribution (temperature 1, no top-p/top-k),
     which is what PPO's importance ratios need.
     """
-    g = max((len(c.token_ids) for c in comps), default=0)
-    if g == 0:
+    if all(not c.token_ids for c in comps):
         for c in comps:
             c.logprobs = []
         return
-    p = prompt_ids.shape[1]
-    gen = torch.tensor([c.token_ids + [pad] * (g - len(c.token_ids)) for c in comps], device=device)  # (N, G)
-    gmask = torch.tensor([[1] * len(c.token_ids) + [0] * (g - len(c.token_ids)) for c in comps], device=device)
-    ids = torch.cat([prompt_ids, gen], 1)  # (N, P+G)
-    mask = torch.cat([prompt_mask, gmask], 1)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    if _plain_linear_head(model):
-        # decoder states, then head + log-softmax in chunks: never all (N, P+G, V) logits at once
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-        h = hidden[:, p - 1 : p - 1 + g]  # (N, G, H): the state before each generated token
-        head = model.get_output_embeddings()
-        lp = linear_token_logprobs(h.reshape(-1, h.shape[-1]), head.weight, gen.reshape(-1), head.bias).view(len(comps), g)
-    else:
-        # soft-capped / scaled logits: only the model's own forward knows them
-        keep = {"logits_to_keep": g + 1} if _accepts(model, "logits_to_keep") else {}
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **keep).logits
-        logits = logits[:, -(g + 1) : -1].float()  # (N, G, V): the logits before each generated token
-        lp = logits.log_softmax(-1).gather(-1, gen[..., None]).squeeze(-1)
+    ids, mask, gen, gmask = pad_responses(prompt_ids, prompt_mask, [c.token_ids for c in comps], pad)
+    lp = response_logprobs(model, ids, mask, prompt_ids.shape[1], gen, gmask)
     for i, c in enumerate(comps):
         c.logprobs = [round(x, 6) for x in lp[i, : len(c.token_ids)].tolist()]

@@ -127,3 +127,10 @@ def start_or_resume(state_dir: Path, resume: bool, model: Any, optimizer: Any, k
             warn(f"{state_dir}: discarding the saved state of an earlier run (pass --resume to continue it)")
         shutil.rmtree(state_dir)
     return 0
+
+
+def saved_extra(state_dir: str | Path) -> dict[str, Any]:
+    """The `extra` dict of the newest saved step (e.g. ppo's adaptive KL coefficient)."""
+    state_dir = Path(state_dir)
+    step_dir = state_dir / (state_dir / "latest").read_text().strip()
+    return orjson.loads((step_dir / "state.json").read_bytes())["extra"]

@@ -228,3 +228,33 @@ def collate(mb: Microbatch, pad_id: int) -> dict[str, Any]:
     else:
         batch["attention_mask"] = torch.tensor(att)
     return batch
+
+
+class SftStream:
+    """An endless seeded stream of SFT microbatches (PPO-ptx: one per PPO minibatch), sharded by rank.
+
+    Each pass over the examples is a fresh seeded shuffle; every rank draws the same `size` examples
+    and keeps its share, so the global ptx batch matches the global PPO minibatch.
+    """
+
+    def __init__(self, tok: Any, rows: list[SftRow], fmt: str, max_len: int, size: int, seed: int, dist: Any, device: str) -> None:
+        self.examples = tokenize_rows(tok, rows, fmt, max_len)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.size, self.seed, self.dist, self.device = size, seed, dist, device
+        self.epoch, self.pos, self.order = 0, 0, self._order(0)
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(f"{self.seed}:ptx:{epoch}").shuffle(order)
+        return order
+
+    def next(self) -> dict[str, Any]:
+        picked = []
+        for _ in range(self.size):
+            if self.pos == len(self.order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            picked.append(self.examples[self.order[self.pos]])
+            self.pos += 1
+        batch = collate([[e] for e in picked[self.dist.rank :: self.dist.world]], self.pad)
+        return {k: v.to(self.device) for k, v in batch.items()}

@@ -65,6 +65,12 @@ class RewardModelJudge:
     def close(self) -> None:
         self._loaded = None
 
+    def move(self, device: str) -> None:
+        """Move the loaded model (ppo offloads it to the CPU between its scoring phases)."""
+        if self._loaded is not None:
+            model, tok, _ = self._loaded
+            self._loaded = (model.to(device), tok, device)
+
     def _load(self) -> tuple[Any, Any, str]:
         if self._loaded is None:
             from rlhf_cli import runtime

@@ -156,6 +156,24 @@ def sequence_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     return head(h).squeeze(-1).float()
 
 
+def token_values(model: Any, ids: torch.Tensor, mask: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Per-token value estimates V(s_t) of a decoder reward-model-shaped network.  -> (N, length) fp32.
+
+    ids, mask: (N, P+G) left-padded prompt + right-padded response (PPO's layout), `start` = P. The
+    value of response token t is the head on the state that produces it (position P - 1 + t), the same
+    state the policy's log-prob of token t comes from. Position ids restart after the left padding.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(inner, "score", None)
+    if head is None:
+        raise RlhfError("a value model needs a decoder with a `score` head (encoders such as BERT cannot be one)",
+                        "use --value-init policy")
+    backbone = getattr(inner, inner.base_model_prefix)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    return head(hidden[:, start - 1 : start - 1 + length]).squeeze(-1).float()  # (N, length)
+
+
 class RewardForward(nn.Module):
     """forward(input_ids, attention_mask) -> (N,) rewards, as one module so DDP sees every parameter."""
 

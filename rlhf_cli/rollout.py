@@ -1,0 +1,171 @@
+"""PPO's networks and experience: the models, the rollout batch and the policy + value forward.
+
+    tok, pv, ref, *_ = setup_models(ppo_config, device, ref_dtype)   # policy (+LoRA), value (from the RM), reference
+    batch = collect(pv, ref, tok, prompt_ids, sampling, seed, device, chunk=8, pad=pad)   # no grad
+    logp, entropy, values = pv(batch.ids, batch.mask, batch.prompt_width, batch.response, batch.response_mask)
+
+Layout of every tensor (N rollouts, P prompt columns, G response columns): prompts left-padded and
+responses right-padded, so `ids[:, :P]` is the prompt and `ids[:, P:]` the response, and the state
+that produces response token t is position P - 1 + t for every row (generation.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from rlhf_cli.generation import Completion, SamplingParams, generate, left_pad, pad_responses, response_logprobs
+from rlhf_cli.models.reward import token_values
+
+
+class Rollout(NamedTuple):
+    """One PPO step's experience (everything detached)."""
+
+    ids: torch.Tensor  # (N, P+G) prompt + response tokens
+    mask: torch.Tensor  # (N, P+G) attention mask
+    prompt_width: int  # P
+    response: torch.Tensor  # (N, G) response tokens (EOS included when sampled)
+    response_mask: torch.Tensor  # (N, G) bool, True on real response tokens
+    logp: torch.Tensor  # (N, G) log pi_old(y_t), at the sampling temperature
+    ref_logp: torch.Tensor  # (N, G) log pi_ref(y_t)
+    values: torch.Tensor  # (N, G) V_old(s_t)
+    entropy: torch.Tensor  # (N, G) entropy of pi_old at each step
+    has_eos: torch.Tensor  # (N,) bool: the response ended with EOS (else it hit max_new_tokens)
+    completions: list[Completion]
+
+
+class PolicyAndValue(nn.Module):
+    """The two trained networks in one module, so DDP, the optimizer and the resume state see both.
+
+    forward -> per-response-token log-probs and entropy of the policy, and the value model's V(s_t);
+    with `ptx` (an SFT batch: input_ids, labels, ...) also the policy's summed NLL on it (PPO-ptx).
+    """
+
+    def __init__(self, policy: nn.Module, value: nn.Module, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.policy, self.value, self.temperature = policy, value, temperature
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, response: torch.Tensor,
+                response_mask: torch.Tensor, ptx: dict[str, torch.Tensor] | None = None):
+        logp, entropy = response_logprobs(self.policy, ids, mask, prompt_width, response, response_mask,
+                                          self.temperature, with_entropy=True)
+        values = token_values(self.value, ids, mask, prompt_width, response.shape[1])
+        if ptx is None:
+            return logp, entropy, values
+        from rlhf_cli.training import CausalLMLoss
+
+        return logp, entropy, values, CausalLMLoss(self.policy)(**ptx)
+
+
+def reference_logprobs(ref: nn.Module | None, pv: PolicyAndValue, ids, mask, prompt_width, response, response_mask) -> torch.Tensor:
+    """log pi_ref(y_t): a separate frozen model, or (LoRA, ref None) the policy with its adapter off."""
+    if ref is not None:
+        return response_logprobs(ref, ids, mask, prompt_width, response, response_mask, pv.temperature)
+    with pv.policy.disable_adapter():  # peft: the base weights are the SFT policy, no second copy
+        return response_logprobs(pv.policy, ids, mask, prompt_width, response, response_mask, pv.temperature)
+
+
+@torch.no_grad()
+def collect(pv: PolicyAndValue, ref: nn.Module | None, tok: Any, prompts: list[list[int]], params: SamplingParams,
+            seed: int, device: str, chunk: int, pad: int, offload: bool = False) -> Rollout:
+    """Sample one response per prompt from the policy, then score every token with the policy (old
+    log-probs, entropy), the reference and the value model, `chunk` rollouts per forward.
+    With `offload` the reference comes to `device` only after generation and leaves before training."""
+    comps = [c[0] for c in generate(pv.policy, tok, prompts, params, device, seed)]
+    prompt_ids, prompt_mask = left_pad(prompts, pad, device)
+    ids, mask, response, rmask = pad_responses(prompt_ids, prompt_mask, [c.token_ids for c in comps], pad)
+    p = prompt_ids.shape[1]
+    parts: list[tuple[torch.Tensor, ...]] = []
+    with placed(ref, device, offload):
+        for s in range(0, len(comps), chunk):
+            sl = slice(s, s + chunk)
+            logp, ent, values = pv(ids[sl], mask[sl], p, response[sl], rmask[sl])
+            ref_logp = reference_logprobs(ref, pv, ids[sl], mask[sl], p, response[sl], rmask[sl])
+            parts.append((logp, ref_logp, values * rmask[sl], ent))
+    logp, ref_logp, values, ent = (torch.cat(t) for t in zip(*parts, strict=True))
+    has_eos = torch.tensor([c.finish_reason == "stop" for c in comps], device=device)
+    return Rollout(ids, mask, p, response, rmask, logp, ref_logp, values, ent, has_eos, comps)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's ratio pi_new / pi_old must be 1 when nothing has changed: no dropout anywhere (as TRL)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+
+
+@contextlib.contextmanager
+def placed(model: Any, device: str, offload: bool) -> Iterator[None]:
+    """With `offload` (CUDA), keep a frozen model in CPU memory and bring it to `device` only for its phase."""
+    if not offload or model is None:
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# --- the networks ---------------------------------------------------------------------------------
+
+
+class Models(NamedTuple):
+    tok: Any
+    pv: PolicyAndValue
+    ref: nn.Module | None  # None: the LoRA policy with its adapter disabled
+    value_from: str  # "reward" | "policy"
+    ref_from: str  # for the log line
+
+
+def setup_models(cfg: Any, device: str, ref_dtype: str) -> Models:
+    """Policy (+LoRA), value model (from the RM by default, as InstructGPT), frozen reference; `cfg` is a PpoConfig.
+
+    The value model starts as the reward model because both map a (prompt, partial response) to a
+    number of the same scale, so the first advantages are not noise (InstructGPT, sec. 3.5); with a
+    rule judge, or an RM whose vocabulary differs from the policy's, it starts from the policy's own
+    weights with a fresh head.
+    """
+    from rlhf_cli.errors import RlhfError
+    from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
+    from rlhf_cli.models.reward import add_reward_lora, load_reward_model
+    from rlhf_cli.training import add_lora, enable_activation_checkpointing
+
+    spec = parse_model_spec(cfg.policy)
+    tok = load_tokenizer(spec, cfg.trust_remote_code)
+    policy = load_model(spec, tok, "fp32", cfg.trust_remote_code)
+    value_from = cfg.value_init
+    if value_from == "auto":
+        value_from = "reward" if cfg.reward and _same_vocab(tok, cfg.reward, cfg.trust_remote_code) else "policy"
+    if value_from == "reward" and not cfg.reward:
+        raise RlhfError("--value-init reward needs --reward RM_DIR")
+    value_spec = parse_model_spec(cfg.reward) if value_from == "reward" else spec
+    value = load_reward_model(value_spec, load_tokenizer(value_spec, cfg.trust_remote_code), "fp32", cfg.trust_remote_code)
+    for m in (policy, value):
+        disable_dropout(m)
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(m)
+    if cfg.lora_r:
+        policy, value = add_lora(policy, cfg.lora_r, cfg.lora_alpha), add_reward_lora(value, cfg.lora_r, cfg.lora_alpha)
+    ref, ref_from = None, "the policy with its LoRA adapter disabled"
+    if cfg.ref or not cfg.lora_r:
+        ref_spec = parse_model_spec(cfg.ref) if cfg.ref else spec
+        ref = load_model(ref_spec, tok, ref_dtype, cfg.trust_remote_code).eval().requires_grad_(False)
+        disable_dropout(ref)
+        ref = ref.to("cpu" if cfg.offload else device)
+        ref_from = f"{ref_spec.raw} ({ref_dtype})"
+    return Models(tok, PolicyAndValue(policy, value, cfg.temperature).to(device), ref, value_from, ref_from)
+
+
+def _same_vocab(tok: Any, reward: str, trust_remote_code: bool) -> bool:
+    from rlhf_cli.models.loading import load_tokenizer, parse_model_spec
+
+    return load_tokenizer(parse_model_spec(reward), trust_remote_code).get_vocab() == tok.get_vocab()
