@@ -50,6 +50,7 @@ def main() -> None:
     n_prompts = len(plan["prompt_ids"])
 
     starts: list[float] = []  # step boundaries
+    cpu: list[float] = []  # process CPU time at each boundary
     marks: list[dict[str, float]] = []
     rows: dict[str, list] = {"response_tokens": [], "response_width": [], "eos_share": []}
     save: dict[str, float] = {}
@@ -57,6 +58,7 @@ def main() -> None:
 
     def collect(*a, **kw):
         starts.append(time.perf_counter())
+        cpu.append(time.process_time())
         marks.append({})
         ro = real_collect(*a, **kw)
         rows["response_tokens"].append([int(x) for x in ro.response_mask.sum(1)])
@@ -77,7 +79,7 @@ def main() -> None:
         return out
 
     def save_checkpoint(*a, **kw):
-        save["t"], save["rss"] = time.perf_counter(), peak_rss_mib()
+        save["t"], save["cpu"], save["rss"] = time.perf_counter(), time.process_time(), peak_rss_mib()
         return real_save(*a, **kw)
 
     rollout.collect, rollout.generate, ppo.update, checkpoint.save_checkpoint = collect, generate, update, save_checkpoint
@@ -110,6 +112,7 @@ def main() -> None:
     write_json(args.result, {
         "side": "ours",
         "step_seconds": [e - s for s, e in zip(starts, ends, strict=True)],
+        "step_cpu_seconds": [e - s for s, e in zip(cpu, cpu[1:] + [save.get("cpu", time.process_time())], strict=True)],
         "loop_step_seconds": [m["step_seconds"] for m in metrics],
         "loop_phases": {p: [m[f"time_{p}"] for m in metrics] for p in ("generate", "score", "train")},
         "phases": phases, **rows,

@@ -60,6 +60,8 @@ class StepClock(TrainerCallback):
         self.marks: list[dict[str, float]] = []
         self.cur: dict[str, float] = {}
         self.last_end = 0.0
+        self.last_cpu = 0.0
+        self.cpu_seconds: list[float] = []  # process CPU time per step: ~2x wall on a quiet machine
         self.rss_at_end: float | None = None
         self.checkpointing_active: bool | None = None
         self.response_tokens: list[list[int]] = []  # per step, per row: tokens up to and including EOS
@@ -70,7 +72,7 @@ class StepClock(TrainerCallback):
         model = kwargs.get("model")
         policy = getattr(model, "policy", model)
         self.checkpointing_active = bool(getattr(policy, "is_gradient_checkpointing", False))
-        self.last_end = time.perf_counter()
+        self.last_end, self.last_cpu = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
@@ -79,7 +81,9 @@ class StepClock(TrainerCallback):
         train0 = c.get("train0", now)
         self.marks.append({"step_seconds": now - start, "other": gen0 - start, "generate": gen1 - gen0,
                            "score": train0 - gen1, "train": now - train0})
-        self.cur, self.last_end = {}, now
+        cpu = time.process_time()
+        self.cpu_seconds.append(cpu - self.last_cpu)
+        self.cur, self.last_end, self.last_cpu = {}, now, cpu
 
     def on_train_end(self, args, state, control, **kwargs):
         self.rss_at_end = peak_rss_mib()
@@ -173,6 +177,7 @@ def main() -> None:
     write_json(args.result, {
         "side": "trl",
         "step_seconds": [m["step_seconds"] for m in clock.marks],
+        "step_cpu_seconds": clock.cpu_seconds,
         "phases": {p: [m[p] for m in clock.marks] for p in ("other", "generate", "score", "train")},
         "response_tokens": clock.response_tokens, "response_width": clock.response_width, "eos_share": clock.eos_share,
         "optimizer_steps": opt_steps[0], "updates": len(clock.marks),

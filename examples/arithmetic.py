@@ -1,13 +1,16 @@
 """The embedded-default task for `make demo`: two-number addition with a checkable answer.
 
-    python examples/arithmetic.py data OUTDIR [--train N] [--test N] [--rm N]   # train, test, rm_prompts .jsonl
-    python examples/arithmetic.py score before.jsonl after.jsonl        # exact-match accuracy table
+    python examples/arithmetic.py data OUTDIR [--train N] [--test N] [--rm N] [--ppo N]   # train, test, rm_prompts, ppo_prompts
+    python examples/arithmetic.py score before.jsonl after.jsonl        # exact-match accuracy of each file
+    python examples/arithmetic.py summary OUTDIR                        # the demo's SFT vs PPO table
 
 Train rows are `{"prompt": "What is 23+45?", "completion": "68"}`; test rows are prompts with a
 reference `answer` field that `rlhf sample` passes through untouched, so scoring needs nothing but
 the sample output. Test sums are held out: no (a, b) pair of the test set is in the training set.
 `rm_prompts.jsonl` holds prompts (with `answer`) from the training pool for the reward-model stage:
 the SFT model samples K candidates for each, and `rlhf pairwise --judge rule:exact` labels them.
+`ppo_prompts.jsonl` holds further training-pool prompts for `rlhf ppo` (the reward model scores them;
+the `answer` field is only there for the rule-judge variant).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 from pathlib import Path
 
 
-def make_data(out: Path, n_train: int, n_test: int, n_rm: int, hi: int, seed: int) -> None:
+def make_data(out: Path, n_train: int, n_test: int, n_rm: int, n_ppo: int, hi: int, seed: int) -> None:
     rng = random.Random(seed)
     pairs = [(a, b) for a in range(hi) for b in range(hi)]
     rng.shuffle(pairs)
@@ -32,11 +35,13 @@ def make_data(out: Path, n_train: int, n_test: int, n_rm: int, hi: int, seed: in
     with (out / "test.jsonl").open("w") as f:
         for i, (a, b) in enumerate(test):
             f.write(json.dumps({"id": f"sum-{i}", "prompt": f"What is {a}+{b}?", "answer": str(a + b)}) + "\n")
-    with (out / "rm_prompts.jsonl").open("w") as f:
-        for i in range(n_rm):
-            a, b = rng.choice(train_pool)
-            f.write(json.dumps({"id": f"rm-{i}", "prompt": f"What is {a}+{b}?", "answer": str(a + b)}) + "\n")
-    print(f"wrote {n_train} training rows, {len(test)} held-out prompts and {n_rm} reward-model prompts to {out}/", file=sys.stderr)
+    for name, n in (("rm", n_rm), ("ppo", n_ppo)):
+        with (out / f"{name}_prompts.jsonl").open("w") as f:
+            for i in range(n):
+                a, b = rng.choice(train_pool)
+                f.write(json.dumps({"id": f"{name}-{i}", "prompt": f"What is {a}+{b}?", "answer": str(a + b)}) + "\n")
+    print(f"wrote {n_train} training rows, {len(test)} held-out prompts, {n_rm} reward-model and {n_ppo} PPO prompts to {out}/",
+          file=sys.stderr)
 
 
 def accuracy(path: str) -> tuple[float, int]:
@@ -44,6 +49,22 @@ def accuracy(path: str) -> tuple[float, int]:
         rows = [json.loads(line) for line in f if line.strip()]
     hits = sum(c.strip() == r["answer"] for r in rows for c in r["completions"][:1])
     return hits / len(rows), len(rows)
+
+
+def summary(out: Path) -> None:
+    """Held-out accuracy of each stage that ran (files written by examples/demo.sh)."""
+    stages = (("builtin:tiny (random init)", "before"), ("after rlhf sft", "sft"), ("after rlhf ppo", "ppo"))
+    print(f"{'held-out exact match, 200 unseen sums':40} {'greedy':>8} {'sampled T=1.5':>14}")
+    for label, stem in stages:
+        cells = []
+        for suffix in ("greedy", "t15"):
+            path = out / f"{stem}_{suffix}.jsonl"
+            cells.append(f"{accuracy(str(path))[0]:.1%}" if path.is_file() else "-")
+        print(f"{label:40} {cells[0]:>8} {cells[1]:>14}")
+    rm = out / "rm" / "rlhf.json"
+    if rm.is_file():
+        m = json.loads(rm.read_text())["metrics"]
+        print(f"reward model: held-out pairwise accuracy {m['eval_accuracy']:.1%} (training set {m['train_accuracy']:.1%})")
 
 
 def main() -> None:
@@ -54,13 +75,17 @@ def main() -> None:
     d.add_argument("--train", type=int, default=20000)
     d.add_argument("--test", type=int, default=200)
     d.add_argument("--rm", type=int, default=1000, help="prompts for the reward-model stage")
+    d.add_argument("--ppo", type=int, default=4000, help="prompts for the PPO stage")
     d.add_argument("--max", type=int, default=50, help="operands are drawn from [0, max)")
     d.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("score")
     s.add_argument("files", nargs="+")
+    sub.add_parser("summary").add_argument("out", type=Path)
     args = ap.parse_args()
     if args.cmd == "data":
-        make_data(args.out, args.train, args.test, args.rm, args.max, args.seed)
+        make_data(args.out, args.train, args.test, args.rm, args.ppo, args.max, args.seed)
+    elif args.cmd == "summary":
+        summary(args.out)
     else:
         for f in args.files:
             acc, n = accuracy(f)

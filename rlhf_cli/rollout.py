@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -149,6 +150,8 @@ def setup_models(cfg: Any, device: str, ref_dtype: str) -> Models:
         raise RlhfError("--value-init reward needs --reward RM_DIR")
     value_spec = parse_model_spec(cfg.reward) if value_from == "reward" else spec
     value = load_reward_model(value_spec, load_tokenizer(value_spec, cfg.trust_remote_code), "fp32", cfg.trust_remote_code)
+    if value_from == "reward":
+        rescale_head(value, *reward_stats(cfg.reward))
     for m in (policy, value):
         disable_dropout(m)
         if cfg.gradient_checkpointing:
@@ -163,6 +166,33 @@ def setup_models(cfg: Any, device: str, ref_dtype: str) -> Models:
         ref = ref.to("cpu" if cfg.offload else device)
         ref_from = f"{ref_spec.raw} ({ref_dtype})"
     return Models(tok, PolicyAndValue(policy, value, cfg.temperature).to(device), ref, value_from, ref_from)
+
+
+def reward_stats(path: str) -> tuple[float, float]:
+    """(mean, std) of a reward model's training-set scores from its manifest (`train-rm` writes them);
+    (0, 1) when absent. PPO normalises scores with them, and the value model starts in that scale."""
+    import orjson
+
+    from rlhf_cli.models.checkpoint import MANIFEST
+
+    manifest = Path(path) / MANIFEST
+    metrics = orjson.loads(manifest.read_bytes()).get("metrics", {}) if manifest.is_file() else {}
+    mean, std = metrics.get("reward_mean"), metrics.get("reward_std")
+    return (float(mean), float(std)) if mean is not None and std else (0.0, 1.0)
+
+
+@torch.no_grad()
+def rescale_head(model: nn.Module, mean: float, std: float) -> None:
+    """Make a reward model's head predict normalised scores, (r - mean) / std: the value targets.
+
+    The head is linear, so dividing its weight (and bias) by std rescales every output; the mean
+    moves into the bias where there is one (Llama-style `score` heads have none, and the value loss
+    learns the remaining offset within a few steps).
+    """
+    head = model.score
+    head.weight.div_(std)
+    if head.bias is not None:
+        head.bias.sub_(mean).div_(std)
 
 
 def _same_vocab(tok: Any, reward: str, trust_remote_code: bool) -> bool:

@@ -82,6 +82,7 @@ def test_help_shows_the_contract_and_examples(capsys):
 @pytest.mark.parametrize(("extra", "message"), [
     ([], "give exactly one of --reward RM_DIR or --judge"),
     (["--judge", "human"], "ppo needs a score per response"),
+    (["--judge", "rm:rm/"], "give a reward model as --reward rm/"),
     (["--judge", "rule:exact", "--batch-size", "6", "--minibatch-size", "4"], "must be a multiple of --minibatch-size"),
     (["--judge", "rule:exact", "--batch-size", "64", "--minibatch-size", "8"], "fewer than one --batch-size 64"),
     (["--judge", "rule:nope"], "unknown rule"),
@@ -134,8 +135,8 @@ def test_proof_mean_reward_rises_on_a_toy_task(tmp_path, prompts, rules):
     assert not Path(f"{cfg.out}-state").exists() and leftovers(tmp_path) == []
 
 
-def test_same_seed_same_run(tmp_path, prompts, rules):
-    a, b = (run(cfg_for(prompts, rules, tmp_path / name, max_steps=2)) for name in ("a", "b"))
+def test_same_seed_same_run_with_or_without_offloading(tmp_path, prompts, rules):
+    a, b = (run(cfg_for(prompts, rules, tmp_path / name, max_steps=2, offload=name == "b")) for name in ("a", "b"))
     assert strip([a]) == strip([b])
     assert_same_weights(load_weights(tmp_path / "a"), load_weights(tmp_path / "b"), atol=0)
 
@@ -238,27 +239,34 @@ def rm_dir(tmp_path_factory):
     return root / "rm"
 
 
-def test_value_model_starts_as_the_reward_model_and_scores_are_normalised(tmp_path, prompts, rules, rm_dir):
-    from rlhf_cli.commands.ppo import reward_normalisation
-    from rlhf_cli.judges import JudgeOptions, build_judge
+def test_value_model_starts_as_the_reward_model_in_the_normalised_scale(tmp_path, prompts, rules, rm_dir):
+    from rlhf_cli.generation import left_pad, pad_responses
+    from rlhf_cli.models.reward import load_for_scoring, token_values
     from rlhf_cli.rollout import setup_models
 
     cfg = replace(cfg_for(prompts, rules, tmp_path / "ppo"), judge=None, reward=str(rm_dir))
     m = setup_models(cfg, "cpu", "fp32")
     assert m.value_from == "reward"
+    stats = manifest(rm_dir)["metrics"]
+    mean, std = stats["reward_mean"], stats["reward_std"]
     rm = load_weights(rm_dir)
     value = m.pv.value.state_dict()
-    assert torch.equal(value["score.weight"], rm["score.weight"])
-    assert all(torch.equal(value[k], rm[k]) for k in rm if k in value)
+    assert all(torch.equal(value[k], rm[k]) for k in rm if k in value and k != "score.weight")  # the same backbone
+    torch.testing.assert_close(value["score.weight"], rm["score.weight"] / std)  # the head rescaled by 1/std
+    # so V(s_t) is the RM's reward of the prefix in normalised units (Llama heads have no bias: mean stays)
+    rm_model, _, _ = load_for_scoring(str(rm_dir))
+    pid, pmask = left_pad([[257, 65, 66]], 259, "cpu")
+    ids, mask, resp, rmask = pad_responses(pid, pmask, [[100, 101, 258]], 259)
+    with torch.no_grad():
+        v = token_values(m.pv.value, ids, mask, 3, 3)
+        r = token_values(rm_model, ids, mask, 3, 3)
+    torch.testing.assert_close(v, r / std, atol=1e-5, rtol=1e-5)
     m2 = setup_models(replace(cfg, value_init="policy"), "cpu", "fp32")
-    assert m2.value_from == "policy" and not torch.equal(m2.pv.value.state_dict()["score.weight"], rm["score.weight"])
+    assert m2.value_from == "policy" and not torch.equal(m2.pv.value.state_dict()["score.weight"], rm["score.weight"] / std)
 
-    stats = manifest(rm_dir)["metrics"]
-    judge = build_judge(f"rm:{rm_dir}", JudgeOptions(device="cpu"))
-    assert reward_normalisation(judge) == (stats["reward_mean"], stats["reward_std"])
-    last = run(replace(cfg, max_steps=2))
+    last = run(replace(cfg, max_steps=2, offload=True))  # offload: the RM moves to the device for scoring only
     # normalised score = (raw - mean) / std with no EOS penalty (all 8-token answers are cut off and penalty is 0)
-    assert last["reward_norm"] == pytest.approx((last["reward"] - stats["reward_mean"]) / stats["reward_std"], rel=1e-4)
+    assert last["reward_norm"] == pytest.approx((last["reward"] - mean) / std, rel=1e-4)
 
 
 def test_lora_reference_is_the_adapter_free_policy_and_the_result_is_merged(tmp_path, prompts, rules):

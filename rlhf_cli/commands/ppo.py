@@ -162,7 +162,9 @@ def validate(cfg: PpoConfig, world: int) -> None:
 
     if (cfg.reward is None) == (cfg.judge is None):
         raise RlhfError("give exactly one of --reward RM_DIR or --judge rule:...", "rewards come from a reward model or a rule")
-    if cfg.judge is not None and not cfg.judge.startswith(("rule:", "rm:")):
+    if cfg.judge is not None and cfg.judge.startswith("rm:"):
+        raise RlhfError(f"--judge {cfg.judge}: give a reward model as --reward {cfg.judge[3:]}", "--reward also initialises the value model")
+    if cfg.judge is not None and not cfg.judge.startswith("rule:"):
         raise RlhfError(f"--judge {cfg.judge}: ppo needs a score per response", "use rule:... or --reward RM_DIR")
     if cfg.batch_size < 1 or cfg.minibatch_size < 1 or cfg.batch_size % cfg.minibatch_size:
         raise RlhfError(f"--batch-size {cfg.batch_size} must be a multiple of --minibatch-size {cfg.minibatch_size}")
@@ -200,7 +202,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
     from rlhf_cli.data.sft_data import SftStream
     from rlhf_cli.generation import SamplingParams, batch_seed, render_prompt
     from rlhf_cli.metrics import MetricsLog, progress_bar
-    from rlhf_cli.rollout import collect, setup_models
+    from rlhf_cli.rollout import collect, reward_stats, setup_models
     from rlhf_cli.train_state import save_state, start_or_resume
 
     # 1. runtime, tokenizer, the prompt plan (seeded: every rank and a resumed run rebuild it exactly)
@@ -216,7 +218,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
     plan = plan_steps(cfg, len(rows))
     total = len(plan)
     ptx_batches = SftStream(tok, ptx_rows, cfg.format, cfg.max_prompt_len + cfg.max_new_tokens, cfg.minibatch_size, cfg.seed, dist, device) if ptx_rows else None
-    norm = reward_normalisation(scorer)
+    norm = reward_stats(cfg.reward) if cfg.reward else (0.0, 1.0)  # rules score 0/1 and are used as they are
 
     # 2. optimizer (policy and value in one AdamW), resume state, metrics
     params = [p for p in pv.parameters() if p.requires_grad]
@@ -392,16 +394,6 @@ def release(device: str) -> None:
         import torch
 
         torch.cuda.empty_cache()
-
-
-def reward_normalisation(scorer: Any) -> tuple[float, float]:
-    """(mean, std) to normalise scores with: the RM's training-set statistics from its manifest
-    (`train-rm` writes them); rules score 0/1 and are used as they are."""
-    metrics = getattr(scorer, "manifest", {}).get("metrics", {})
-    mean, std = metrics.get("reward_mean"), metrics.get("reward_std")
-    if mean is None or not std:
-        return 0.0, 1.0
-    return float(mean), float(std)
 
 
 def reduce_stats(stats: dict[str, float], device: str, n: int) -> dict[str, float]:
