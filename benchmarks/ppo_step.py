@@ -1,6 +1,6 @@
 """PPO step time: `rlhf ppo` vs TRL 1.12.0 `experimental.ppo.PPOTrainer`, same model and settings, CPU.
 
-    .venv/bin/python benchmarks/ppo_step.py                       # SmolLM2-135M, 8 steps per side (~6 min)
+    .venv/bin/python benchmarks/ppo_step.py                       # SmolLM2-135M, 8 steps per side (~5 min)
     .venv/bin/python benchmarks/ppo_step.py --model builtin-tiny --steps 4 --warmup 1   # smoke test (~1 min)
     .venv/bin/python benchmarks/ppo_step.py --sides trl,ours,trl,ours   # repeats, stored as SIDE-2
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -162,7 +163,8 @@ def main() -> None:
     )
     if batch % minibatch:
         sys.exit("batch must be a multiple of minibatch")
-    cfg = PPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-ppo-"), **knobs)
+    out_dir = tempfile.mkdtemp(prefix="trl-ppo-")  # TRL wants one; saving is off, so it stays empty
+    cfg = PPOConfig(output_dir=out_dir, **knobs)
     clock = StepClock()
     instrument(ppo_mod, clock, tok.eos_token_id)
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
@@ -173,6 +175,7 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
+    shutil.rmtree(out_dir, ignore_errors=True)
     # on_step_end marks the *end* of a step; every step's count of generated tokens is complete
     write_json(args.result, {
         "side": "trl",

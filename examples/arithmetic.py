@@ -2,7 +2,7 @@
 
     python examples/arithmetic.py data OUTDIR [--train N] [--test N] [--rm N] [--ppo N]   # train, test, rm_prompts, ppo_prompts
     python examples/arithmetic.py score before.jsonl after.jsonl        # exact-match accuracy of each file
-    python examples/arithmetic.py summary OUTDIR                        # the demo's SFT vs PPO table
+    python examples/arithmetic.py summary OUTDIR                        # the demo's table (from rlhf eval's output)
 
 Train rows are `{"prompt": "What is 23+45?", "completion": "68"}`; test rows are prompts with a
 reference `answer` field that `rlhf sample` passes through untouched, so scoring needs nothing but
@@ -52,19 +52,16 @@ def accuracy(path: str) -> tuple[float, int]:
 
 
 def summary(out: Path) -> None:
-    """Held-out accuracy of each stage that ran (files written by examples/demo.sh)."""
-    stages = (("builtin:tiny (random init)", "before"), ("after rlhf sft", "sft"), ("after rlhf ppo", "ppo"))
-    print(f"{'held-out exact match, 200 unseen sums':40} {'greedy':>8} {'sampled T=1.5':>14}")
-    for label, stem in stages:
-        cells = []
-        for suffix in ("greedy", "t15"):
-            path = out / f"{stem}_{suffix}.jsonl"
-            cells.append(f"{accuracy(str(path))[0]:.1%}" if path.is_file() else "-")
-        print(f"{label:40} {cells[0]:>8} {cells[1]:>14}")
-    rm = out / "rm" / "rlhf.json"
-    if rm.is_file():
-        m = json.loads(rm.read_text())["metrics"]
-        print(f"reward model: held-out pairwise accuracy {m['eval_accuracy']:.1%} (training set {m['train_accuracy']:.1%})")
+    """The demo's last word: held-out accuracy per stage (from the `rlhf eval` summaries) and the RM's."""
+    greedy = {r["model"]: r for r in json.loads((out / "eval_greedy.json").read_text())["results"]}
+    sampled = {r["model"]: r for r in json.loads((out / "eval_t15.json").read_text())["results"]}
+    print(f"{'held-out exact match, ' + str(next(iter(greedy.values()))['n']) + ' unseen sums':42} {'greedy':>8} {'one sample T=1.5':>17}")
+    for label, model in (("builtin:tiny (random init)", "builtin:tiny"), ("after rlhf sft", str(out / "sft")), ("after rlhf ppo", str(out / "ppo"))):
+        g = f"{greedy[model]['exact_match']:.1%}" if model in greedy else "-"
+        s = f"{sampled[model]['sample_accuracy']:.1%}" if model in sampled else "-"
+        print(f"{label:42} {g:>8} {s:>17}")
+    m = json.loads((out / "rm" / "rlhf.json").read_text())["metrics"]
+    print(f"reward model: held-out pairwise accuracy {m['eval_accuracy']:.1%} (training set {m['train_accuracy']:.1%})")
 
 
 def main() -> None:

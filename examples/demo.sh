@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# The embedded-default main job (`make demo`): offline, a few minutes on 2 CPU cores.
+# The embedded-default main job (`make demo`): the whole InstructGPT loop, offline, a few minutes on 2 CPU cores.
 #
 #   1. generate an addition task with a checkable answer (held-out sums for testing)
-#   2. sample from builtin:tiny before training       -> accuracy before
-#   3. rlhf sft on the demonstrations                  -> demo-out/sft/ (an HF checkpoint)
-#   4. sample from the fine-tuned checkpoint           -> accuracy after
-#   5. sample K=4 candidates per prompt, label pairs with rlhf pairwise --judge rule:exact,
-#      train a Bradley-Terry reward model (rlhf train-rm) -> held-out RM accuracy
-#   6. rlhf ppo against that reward model, KL to the SFT policy -> demo-out/ppo/
-#   7. held-out accuracy of SFT vs PPO (greedy and sampled) and the reward/KL curves (rlhf plot)
+#   2. rlhf sft builtin:tiny on the demonstrations          -> demo-out/sft/ (an HF checkpoint)
+#   3. rlhf sample K=4 candidates per prompt, label pairs with rlhf pairwise --judge rule:exact,
+#      train a Bradley-Terry reward model (rlhf train-rm)   -> demo-out/rm/, held-out RM accuracy
+#   4. rlhf ppo against that reward model, KL to the SFT policy -> demo-out/ppo/ + the curves (rlhf plot)
+#   5. rlhf eval exact: base vs SFT vs PPO on the held-out sums, greedy and sampled at T=1.5
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo-out}
@@ -18,19 +16,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 rm -rf "$OUT/sft" "$OUT/sft-state" "$OUT/rm" "$OUT/rm-state" "$OUT/ppo" "$OUT/ppo-state"
 python examples/arithmetic.py data "$OUT" --train 20000 --test 200
 
-echo "== before: sampling builtin:tiny (random init)" >&2
-$RLHF sample "$OUT/test.jsonl" --model builtin:tiny --temperature 0 --max-new-tokens 6 -b 100 > "$OUT/before_greedy.jsonl"
-
 echo "== rlhf sft builtin:tiny on $OUT/train.jsonl" >&2
 $RLHF sft "$OUT/train.jsonl" --model builtin:tiny --out "$OUT/sft" \
     --lr 1e-3 --schedule wsd --warmup 50 --decay-frac 0.3 --batch-size 8 --max-len 256 --epochs 2 \
     --eval-split 0.02 --eval-every 100 --save-every 200
-
-echo "== after: sampling $OUT/sft" >&2
-$RLHF sample "$OUT/test.jsonl" --model "$OUT/sft" --temperature 0 --max-new-tokens 6 -b 100 > "$OUT/sft_greedy.jsonl"
-
-head -3 "$OUT/sft_greedy.jsonl" >&2
-python examples/arithmetic.py score "$OUT/before_greedy.jsonl" "$OUT/sft_greedy.jsonl"
 
 echo "== sample K=4 candidates per reward-model prompt (temperature 1.5, so some are wrong)" >&2
 $RLHF sample "$OUT/rm_prompts.jsonl" --model "$OUT/sft" -n 4 --temperature 1.5 --max-new-tokens 6 -b 100 > "$OUT/samples.jsonl"
@@ -46,10 +35,13 @@ $RLHF train-rm "$OUT/prefs.jsonl" --model "$OUT/sft" --out "$OUT/rm" \
 echo "== rlhf ppo: $OUT/sft against $OUT/rm, KL to the SFT policy" >&2
 $RLHF ppo "$OUT/ppo_prompts.jsonl" --policy "$OUT/sft" --reward "$OUT/rm" --out "$OUT/ppo" \
     -b 64 --minibatch-size 16 --max-new-tokens 6 --temperature 1.5 --lr 1e-4 --kl-coef 1.0 --save-every 20
-for m in sft ppo; do
-    $RLHF sample "$OUT/test.jsonl" --model "$OUT/$m" --temperature 1.5 --max-new-tokens 6 -b 100 > "$OUT/${m}_t15.jsonl"
-done
-$RLHF sample "$OUT/test.jsonl" --model "$OUT/ppo" --temperature 0 --max-new-tokens 6 -b 100 > "$OUT/ppo_greedy.jsonl"
 $RLHF plot "$OUT/ppo/metrics.jsonl" -o "$OUT/ppo_curves.png" --smooth 5
+
+echo "== rlhf eval exact: held-out sums, greedy" >&2
+$RLHF eval exact "$OUT/test.jsonl" -m builtin:tiny -m "$OUT/sft" -m "$OUT/ppo" --format chat --extract exact \
+    --max-new-tokens 6 -b 100 --plot "$OUT/eval_greedy.png" > "$OUT/eval_greedy.json"
+echo "== rlhf eval exact: held-out sums, 4 samples at T=1.5 (sample_accuracy: one sample; exact_match: majority)" >&2
+$RLHF eval exact "$OUT/test.jsonl" -m "$OUT/sft" -m "$OUT/ppo" --format chat --extract exact \
+    --max-new-tokens 6 -b 100 -n 4 --temperature 1.5 > "$OUT/eval_t15.json"
 python examples/arithmetic.py summary "$OUT"
-echo "reward / KL / loss curves: $OUT/ppo_curves.png" >&2
+echo "curves: $OUT/ppo_curves.png   eval: $OUT/eval_greedy.png" >&2

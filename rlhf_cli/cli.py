@@ -13,6 +13,7 @@ import typer
 from rich.markup import escape
 
 from rlhf_cli import __version__
+from rlhf_cli.commands import eval as eval_cmd
 from rlhf_cli.commands import pairwise, plot, ppo, sample, sft, train_rm
 from rlhf_cli.console import err
 from rlhf_cli.errors import RlhfError
@@ -37,6 +38,7 @@ app.command("pairwise", no_args_is_help=True)(pairwise.command)
 app.command("train-rm", no_args_is_help=True)(train_rm.command)
 app.command("ppo", no_args_is_help=True)(ppo.command)
 app.command("plot", no_args_is_help=True)(plot.command)
+app.add_typer(eval_cmd.app, name="eval")
 
 
 def _version(value: bool) -> None:

@@ -39,6 +39,7 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     token_ids: list[int]  # generated tokens, the final EOS included when it was sampled
     logprobs: list[float] | None = None
+    entropies: list[float] | None = None  # with track=True: the sampling distribution's entropy per token
 
 
 def render_prompt(tok: Any, prompt: str | None, messages: Any, fmt: str) -> list[int]:
@@ -66,10 +67,13 @@ def batch_seed(seed: int, keys: list[str]) -> int:
 
 @torch.no_grad()
 def generate(model: Any, tok: Any, prompts: list[list[int]], params: SamplingParams, device: str,
-             seed: int, logprobs: bool = False) -> list[list[Completion]]:
+             seed: int, logprobs: bool = False, track: bool = False) -> list[list[Completion]]:
     """Sample `params.n` completions for each prompt (token-id lists) in one batched call.
 
     Returns, per prompt, its `n` completions. Row i*n + k of the batch is prompt i's k-th sample.
+    logprobs: fill `Completion.logprobs` by a teacher-forced pass at temperature 1 (`sample --logprobs`).
+    track: fill `logprobs` and `entropies` from the sampler itself, at the sampling temperature (before
+    top-p / top-k): PPO's behaviour-policy log-probs, with no second forward pass.
     """
     eos = set(stop_token_ids(tok, model))
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)  # a filler, always masked out
@@ -82,15 +86,25 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], params: SamplingPar
     cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
 
     tokens: list[list[int]] = [[] for _ in rows]
+    seen_lp: list[list[float]] = [[] for _ in rows]
+    seen_ent: list[list[float]] = [[] for _ in rows]
     reasons: list[str | None] = [None] * len(rows)
     texts: list[str | None] = [None] * len(rows)  # set when a stop string cut the text
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_only)
     for step in range(params.max_new_tokens):
         nxt = _pick(out.logits[:, -1].float(), params, rng)  # (N,)
+        if track:
+            from rlhf_cli.kernels import token_logprobs
+
+            lp, ent = token_logprobs(out.logits[:, -1], nxt, True, temperature=params.temperature or 1.0)
+            lp, ent = lp.tolist(), ent.tolist()
         for i, t in enumerate(nxt.tolist()):
             if reasons[i] is not None:
                 continue  # finished rows keep decoding in the batch; their tokens are dropped
             tokens[i].append(t)
+            if track:
+                seen_lp[i].append(lp[i])
+                seen_ent[i].append(ent[i])
             if t in eos:
                 reasons[i] = "stop"
             elif stops:
@@ -106,10 +120,10 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], params: SamplingPar
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **cache, **last_only)
 
     comps = []
-    for toks, reason, text in zip(tokens, reasons, texts, strict=True):
+    for i, (toks, reason, text) in enumerate(zip(tokens, reasons, texts, strict=True)):
         if text is None:
             text = tok.decode([t for t in toks if t not in eos], skip_special_tokens=True)
-        comps.append(Completion(text, reason or "length", toks))
+        comps.append(Completion(text, reason or "length", toks, seen_lp[i] if track else None, seen_ent[i] if track else None))
     if logprobs:
         _score(model, ids, prompt_mask, comps, pad, device)
     return [comps[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]

@@ -10,6 +10,7 @@ import argparse
 import inspect
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -18,14 +19,21 @@ END = "<!-- cli-reference:end -->"
 
 
 def markdown() -> str:
-    """One section per command: its summary, then a table of arguments and options."""
+    """One section per command (a group such as `eval` gives one per subcommand): summary, then a table."""
     from rlhf_cli.cli import app
 
-    group = typer.main.get_command(app)
-    out = []
-    for name, cmd in group.commands.items():  # type: ignore[attr-defined]
+    out: list[str] = []
+    _sections(typer.main.get_command(app), "rlhf", out)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _sections(group: Any, prefix: str, out: list[str]) -> None:
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            _sections(cmd, f"{prefix} {name}", out)
+            continue
         summary = inspect.cleandoc(cmd.help or "").split("\n\n")[0].replace("\n", " ")
-        out += [f"### `rlhf {name}`", "", summary, "", "| argument / option | default | help |", "|---|---|---|"]
+        out += [f"### `{prefix} {name}`", "", summary, "", "| argument / option | default | help |", "|---|---|---|"]
         for p in cmd.params:
             if p.name == "help":
                 continue
@@ -34,7 +42,6 @@ def markdown() -> str:
             helptext = (getattr(p, "help", None) or "").replace("|", "\\|")
             out.append(f"| {flags} | {default} | {helptext} |")
         out.append("")
-    return "\n".join(out).rstrip() + "\n"
 
 
 def splice(readme: str, block: str) -> str:

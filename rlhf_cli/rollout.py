@@ -54,12 +54,17 @@ class PolicyAndValue(nn.Module):
                 response_mask: torch.Tensor, ptx: dict[str, torch.Tensor] | None = None):
         logp, entropy = response_logprobs(self.policy, ids, mask, prompt_width, response, response_mask,
                                           self.temperature, with_entropy=True)
-        values = token_values(self.value, ids, mask, prompt_width, response.shape[1])
+        values = self.values(ids, mask, prompt_width, response.shape[1])
         if ptx is None:
             return logp, entropy, values
         from rlhf_cli.training import CausalLMLoss
 
         return logp, entropy, values, CausalLMLoss(self.policy)(**ptx)
+
+
+    def values(self, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, length: int) -> torch.Tensor:
+        """V(s_t) of the response tokens.  -> (N, length)"""
+        return token_values(self.value, ids, mask, prompt_width, length)
 
 
 def reference_logprobs(ref: nn.Module | None, pv: PolicyAndValue, ids, mask, prompt_width, response, response_mask) -> torch.Tensor:
@@ -73,21 +78,24 @@ def reference_logprobs(ref: nn.Module | None, pv: PolicyAndValue, ids, mask, pro
 @torch.no_grad()
 def collect(pv: PolicyAndValue, ref: nn.Module | None, tok: Any, prompts: list[list[int]], params: SamplingParams,
             seed: int, device: str, chunk: int, pad: int, offload: bool = False) -> Rollout:
-    """Sample one response per prompt from the policy, then score every token with the policy (old
-    log-probs, entropy), the reference and the value model, `chunk` rollouts per forward.
+    """Sample one response per prompt from the policy, keeping the sampler's own log-probs and entropy
+    (the behaviour policy, at the sampling temperature: no second policy forward), then score every
+    token with the reference and the value model, `chunk` rollouts per forward.
     With `offload` the reference comes to `device` only after generation and leaves before training."""
-    comps = [c[0] for c in generate(pv.policy, tok, prompts, params, device, seed)]
+    comps = [c[0] for c in generate(pv.policy, tok, prompts, params, device, seed, track=True)]
     prompt_ids, prompt_mask = left_pad(prompts, pad, device)
     ids, mask, response, rmask = pad_responses(prompt_ids, prompt_mask, [c.token_ids for c in comps], pad)
-    p = prompt_ids.shape[1]
+    p, g = prompt_ids.shape[1], response.shape[1]
+    logp = torch.tensor([c.logprobs + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)  # (N, G)
+    ent = torch.tensor([c.entropies + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)
     parts: list[tuple[torch.Tensor, ...]] = []
     with placed(ref, device, offload):
         for s in range(0, len(comps), chunk):
             sl = slice(s, s + chunk)
-            logp, ent, values = pv(ids[sl], mask[sl], p, response[sl], rmask[sl])
+            values = pv.values(ids[sl], mask[sl], p, g)
             ref_logp = reference_logprobs(ref, pv, ids[sl], mask[sl], p, response[sl], rmask[sl])
-            parts.append((logp, ref_logp, values * rmask[sl], ent))
-    logp, ref_logp, values, ent = (torch.cat(t) for t in zip(*parts, strict=True))
+            parts.append((ref_logp, values * rmask[sl]))
+    ref_logp, values = (torch.cat(t) for t in zip(*parts, strict=True))
     has_eos = torch.tensor([c.finish_reason == "stop" for c in comps], device=device)
     return Rollout(ids, mask, p, response, rmask, logp, ref_logp, values, ent, has_eos, comps)
 

@@ -183,8 +183,9 @@ def test_resume_refuses_changed_options(tmp_path, prompts, rules, monkeypatch):
 
 
 def test_rollout_logprobs_match_sample_and_the_first_update_has_ratio_one(tmp_path, prompts, rules):
-    """The rollout's old log-probs equal `sample --logprobs` (generation.py) for the same tokens, and a
-    forward of the unchanged policy on a minibatch reproduces them: ratio exactly 1 before any step."""
+    """The rollout's old log-probs come from the sampler itself; they equal the teacher-forced ones of
+    `sample --logprobs` for the same tokens, and a training forward of the unchanged policy reproduces
+    them (ratio 1 before any step) -- also at a sampling temperature other than 1."""
     from rlhf_cli.generation import SamplingParams, generate, render_prompt
     from rlhf_cli.rollout import collect, setup_models
 
@@ -201,8 +202,16 @@ def test_rollout_logprobs_match_sample_and_the_first_update_has_ratio_one(tmp_pa
     torch.testing.assert_close(ro.ref_logp, ro.logp, atol=1e-6, rtol=0)  # reference == policy at the start
     with torch.no_grad():
         logp, _, values = m.pv(ro.ids[:3], ro.mask[:3], ro.prompt_width, ro.response[:3], ro.response_mask[:3])
-    torch.testing.assert_close(logp, ro.logp[:3], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logp, ro.logp[:3], atol=1e-5, rtol=0)
     torch.testing.assert_close(values * ro.response_mask[:3], ro.values[:3], atol=1e-6, rtol=0)
+
+    m.pv.temperature = 1.5
+    hot = collect(m.pv, m.ref, m.tok, prompts_ids, SamplingParams(1, 1.5, 1.0, 0, 6, 0), 7, "cpu", 2, m.tok.pad_token_id)
+    with torch.no_grad():
+        logp, entropy, _ = m.pv(hot.ids, hot.mask, hot.prompt_width, hot.response, hot.response_mask)
+    torch.testing.assert_close(logp, hot.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, hot.entropy, atol=1e-5, rtol=0)
+    assert (hot.entropy.sum(1) > ro.entropy.sum(1)).all()  # hotter sampling, higher entropy
 
 
 def test_padding_does_not_change_logprobs_or_values(tmp_path, prompts, rules):

@@ -20,11 +20,19 @@ def test_reference_lists_every_option_of_every_command():
     from rlhf_cli.cli import app
 
     block = markdown()
-    for name, cmd in get_command(app).commands.items():
-        assert f"### `rlhf {name}`" in block
-        for p in cmd.params:
-            if p.name != "help" and p.param_type_name == "option":
-                assert f"`{p.opts[0]}`" in block, (name, p.opts)
+
+    def check(group, prefix):
+        for name, cmd in group.commands.items():
+            if hasattr(cmd, "commands"):  # a group (`rlhf eval`): one section per subcommand
+                check(cmd, f"{prefix} {name}")
+                continue
+            assert f"### `{prefix} {name}`" in block
+            for p in cmd.params:
+                if p.name != "help" and p.param_type_name == "option":
+                    assert f"`{p.opts[0]}`" in block, (name, p.opts)
+
+    check(get_command(app), "rlhf")
+    assert "### `rlhf eval exact`" in block and "### `rlhf eval code`" in block
 
 
 def test_splice_replaces_only_the_marked_block():

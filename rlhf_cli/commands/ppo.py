@@ -222,7 +222,8 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
 
     # 2. optimizer (policy and value in one AdamW), resume state, metrics
     params = [p for p in pv.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5 if cfg.dtype == "bf16" else 1e-8)
+    fused = device.split(":")[0] in ("cpu", "cuda") or None  # one kernel over all tensors: ~5x the for-each loop on CPU
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, eps=1e-5 if cfg.dtype == "bf16" else 1e-8, fused=fused)
     key = _resume_key(cfg, world)
     start = start_or_resume(cfg.state_dir, cfg.resume, pv, optimizer, key, dist.main)
     kl_ctl = _kl_controller(cfg, start)

@@ -1,0 +1,280 @@
+"""`rlhf eval exact`: generate, extract the answer, compare with the reference (GSM8K style).
+
+Reads GSM8K rows `{"question", "answer": "... #### 72"}` directly, our prompt rows
+`{"prompt", "answer"}`, or any JSONL through `--field question=COL --field answer=COL`.
+
+    rlhf eval exact gsm8k/test.jsonl -m sft/ --shots 8 --fewshot gsm8k/train.jsonl
+    rlhf eval exact test.jsonl -m base/ -m sft/ -m ppo/ --extract exact --max-new-tokens 8 --plot toy.png
+    rlhf eval exact gsm8k/test.jsonl -m sft/ -n 8 --temperature 0.7        # majority vote over 8 samples
+
+Prompt (raw format, lm-evaluation-harness's `gsm8k` task): k solved examples then the question, each
+"Question: {question}\\nAnswer: {answer}" joined by a blank line, ending in "Answer:"; generation stops
+at "Question:" or a blank line pair. Chat format (`--format chat`) sends each shot as a user /
+assistant turn instead. Extraction (`--extract`): `gsm8k` (the `#### N` line, else the last number:
+lm-eval's strict and flexible match in one), `last-number`, `regex:PATTERN` (group 1 if any),
+`exact` (the whole answer, normalised). Numbers compare as numbers (1,000 == 1000.0).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Annotated, Any
+
+import typer
+
+from rlhf_cli.errors import RlhfError
+from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, mean_stderr, parse_fields
+from rlhf_cli.options import DeviceOpt, DtypeOpt, FormatOpt, SeedOpt, TrustOpt, check_choice
+
+FIELDS = ("question", "answer", "id")
+STOP = ("Question:", "\n\n\n")  # lm-eval gsm8k stops at "Question:" (and EOS); a triple newline ends a rambling answer
+
+
+@dataclass(frozen=True)
+class ExactConfig:
+    data: str
+    models: tuple[str, ...]
+    shots: int = 0
+    fewshot: str | None = None
+    extract: str = "gsm8k"
+    format: str = "raw"
+    n: int = 1
+    temperature: float = 0.0
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    limit: int | None = None
+    fields: tuple[tuple[str, str], ...] = ()
+    log_samples: str | None = None
+    plot: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "fp32"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: Any
+    question: str
+    answer: str  # the reference as written (a GSM8K solution or a bare answer)
+    target: str  # the extracted reference answer
+
+
+def command(
+    data: Annotated[str, typer.Argument(help="JSONL with a question and a reference answer per row, or '-'.", show_default=False)],
+    models: ModelsOpt,
+    shots: Annotated[int, typer.Option("--shots", "-k", help="Solved examples before each question (from --fewshot).")] = 0,
+    fewshot: Annotated[str | None, typer.Option("--fewshot", help="File of solved examples for --shots (its first k rows).")] = None,
+    extract: Annotated[str, typer.Option("--extract", help="gsm8k | last-number | exact | regex:PATTERN.")] = "gsm8k",
+    fmt: FormatOpt = "raw",
+    n: Annotated[int, typer.Option("-n", "--n", help="Samples per question; > 1 takes the majority answer.")] = 1,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy (default with -n 1).")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Questions per generate call.")] = 16,
+    limit: LimitOpt = None,
+    field: FieldOpt = None,
+    log_samples: LogSamplesOpt = None,
+    plot: PlotOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Exact match after answer extraction (GSM8K style): generate, extract, compare.
+
+    Prints one JSON line {"kind": "exact", "results": [{"model", "n", "exact_match", "exact_match_stderr",
+    ...}]} and a table on stderr. With -n > 1: majority vote ("exact_match") and the mean accuracy of
+    single samples ("sample_accuracy").
+
+    Examples:
+
+      rlhf eval exact gsm8k/test.jsonl -m sft/ --shots 8 --fewshot gsm8k/train.jsonl
+
+      rlhf eval exact test.jsonl -m base/ -m sft/ -m ppo/ --extract exact --max-new-tokens 8
+
+      rlhf eval exact gsm8k/test.jsonl -m sft/ -n 8 --temperature 0.7 --log-samples gsm8k-samples.jsonl
+    """
+    cfg = ExactConfig(
+        data=data, models=tuple(models), shots=shots, fewshot=fewshot, extract=extract,
+        format=check_choice("--format", fmt, ("chat", "raw")), n=n, temperature=temperature,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
+        fields=tuple(parse_fields(field, FIELDS).items()), log_samples=log_samples, plot=plot, seed=seed, device=device,
+        dtype=check_choice("--dtype", dtype, ("fp32", "bf16", "fp16")), trust_remote_code=trust_remote_code,
+    )
+    run(cfg)
+
+
+# --- extraction and comparison (pure) -------------------------------------------------------------
+
+
+def extractor(spec: str):
+    """--extract value -> fn(text) -> str | None (the answer as a string)."""
+    from rlhf_cli.judges.rule import gsm8k_number, last_number
+
+    if spec == "gsm8k":
+        return lambda t: _num(gsm8k_number(t))
+    if spec == "last-number":
+        return lambda t: _num(last_number(t))
+    if spec == "exact":
+        return lambda t: t.strip()
+    if spec.startswith("regex:"):
+        try:
+            rx = re.compile(spec[len("regex:"):])
+        except re.error as e:
+            raise RlhfError(f"--extract {spec}: bad regular expression ({e})") from None
+
+        def by_regex(t: str) -> str | None:
+            found = rx.findall(t)
+            if not found:
+                return None
+            last = found[-1]
+            return (last[0] if isinstance(last, tuple) else last).strip()
+
+        return by_regex
+    raise RlhfError(f"--extract {spec!r}: unknown", "use gsm8k, last-number, exact or regex:PATTERN")
+
+
+def _num(d: Decimal | None) -> str | None:
+    return None if d is None else format(d.normalize(), "f")
+
+
+def is_correct(extracted: str | None, target: str) -> bool:
+    from rlhf_cli.judges.rule import same_answer
+
+    return extracted is not None and same_answer(extracted, target)
+
+
+def majority(answers: list[str | None]) -> str | None:
+    """Most common extracted answer (None never wins while any answer exists; first seen on ties)."""
+    from rlhf_cli.judges.rule import normalise
+
+    counts = Counter(normalise(a) for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[normalise(a)] == best)
+
+
+def build_prompt(question: str, shots: list[Problem], fmt: str) -> str | list[dict[str, str]]:
+    """lm-eval's gsm8k layout in raw format; alternating user/assistant turns in chat format."""
+    if fmt == "chat":
+        msgs: list[dict[str, str]] = []
+        for s in shots:
+            msgs += [{"role": "user", "content": s.question}, {"role": "assistant", "content": s.answer}]
+        return [*msgs, {"role": "user", "content": question}]
+    parts = [f"Question: {s.question}\nAnswer: {s.answer}" for s in shots]
+    return "\n\n".join([*parts, f"Question: {question}\nAnswer:"])
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def load_problems(path: str, fields: dict[str, str], extract: Any, limit: int | None = None) -> list[Problem]:
+    from rlhf_cli.data.jsonl import read_jsonl
+
+    qkey, akey, ikey = fields.get("question"), fields.get("answer", "answer"), fields.get("id", "id")
+    out = []
+    for i, line in enumerate(read_jsonl(path)):
+        if limit is not None and len(out) >= limit:
+            break
+        d = line.data
+        key = qkey or ("question" if "question" in d else "prompt")
+        q, a = d.get(key), d.get(akey)
+        if not isinstance(q, str) or not q.strip():
+            raise RlhfError(f"{line.where}: no question text in field '{key}'", "map it with --field question=COLUMN")
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            a = str(a)
+        if not isinstance(a, str) or not a.strip():
+            raise RlhfError(f"{line.where}: no reference answer in field '{akey}'", "map it with --field answer=COLUMN")
+        target = extract_target(a, extract)
+        if target is None:
+            raise RlhfError(f"{line.where}: no answer could be extracted from the reference {a[-60:]!r}", "check --extract")
+        out.append(Problem(d.get(ikey, i), q, a, target))
+    return out
+
+
+def extract_target(answer: str, extract: Any) -> str | None:
+    """The reference's answer: GSM8K's `#### N`, else the extraction applied to it, else the text."""
+    from rlhf_cli.judges.rule import gsm8k_number
+
+    if "####" in answer:
+        return _num(gsm8k_number(answer))
+    got = extract(answer)
+    return got if got is not None else answer.strip()
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+def validate(cfg: ExactConfig) -> None:
+    if not cfg.models:
+        raise RlhfError("give at least one --model")
+    if cfg.shots < 0 or cfg.n < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
+        raise RlhfError("need --shots >= 0, -n >= 1, --max-new-tokens >= 1, --batch-size >= 1")
+    if cfg.shots and not cfg.fewshot:
+        raise RlhfError(f"--shots {cfg.shots} needs --fewshot FILE", "e.g. --fewshot gsm8k/train.jsonl")
+    if cfg.n > 1 and cfg.temperature == 0:
+        raise RlhfError("-n > 1 with --temperature 0 gives n identical answers", "use a temperature > 0 for a majority vote")
+
+
+def run(cfg: ExactConfig) -> list[EvalResult]:
+    from rlhf_cli.evals.base import report
+
+    # 1. everything cheap first: options, extraction rule, data, shots
+    validate(cfg)
+    extract = extractor(cfg.extract)
+    fields = dict(cfg.fields)
+    problems = load_problems(cfg.data, fields, extract, cfg.limit)
+    shots = load_problems(cfg.fewshot, fields, extract, cfg.shots) if cfg.shots else []
+    if len(shots) < cfg.shots:
+        raise RlhfError(f"{cfg.fewshot}: {len(shots)} rows, fewer than --shots {cfg.shots}")
+    prompts = [build_prompt(p.question, shots, cfg.format) for p in problems]
+
+    # 2. each model in turn
+    results = [evaluate(cfg, model, problems, prompts, extract) for model in cfg.models]
+    report(results, cfg.data, cfg.log_samples, cfg.plot)
+    return results
+
+
+def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts: list[Any], extract: Any) -> EvalResult:
+    from rlhf_cli import runtime
+    from rlhf_cli.generation import SamplingParams, batch_seed, generate, render_prompt
+    from rlhf_cli.metrics import progress_bar
+    from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
+
+    spec = parse_model_spec(model_spec)
+    tok = load_tokenizer(spec, cfg.trust_remote_code)
+    device = runtime.pick_device(cfg.device)
+    model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
+    stop = STOP if cfg.format == "raw" else ()
+    params = SamplingParams(cfg.n, cfg.temperature, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop)
+    ids = [render_prompt(tok, p, None, "raw") if isinstance(p, str) else render_prompt(tok, None, p, "chat") for p in prompts]
+
+    votes, singles, samples = [], [], []
+    with progress_bar(True) as bar:
+        task = bar.add_task(f"exact {model_spec}", total=len(problems), stats="")
+        for b in range(0, len(problems), cfg.batch_size):
+            batch = problems[b : b + cfg.batch_size]
+            seed = batch_seed(cfg.seed, [str(p.id) for p in batch])
+            for p, prompt, comps in zip(batch, prompts[b : b + cfg.batch_size], generate(model, tok, ids[b : b + cfg.batch_size], params, device, seed), strict=True):
+                outputs = [c.text.strip() for c in comps]
+                answers = [extract(o) for o in outputs]
+                voted = majority(answers)
+                score = float(is_correct(voted, p.target))
+                votes.append(score)
+                singles.extend(float(is_correct(a, p.target)) for a in answers)
+                samples.append({"id": p.id, "input": prompt, "output": outputs[0] if cfg.n == 1 else outputs,
+                                "extracted": voted if cfg.n == 1 else {"votes": answers, "majority": voted},
+                                "target": p.target, "score": score})
+            done = sum(votes)
+            bar.update(task, advance=len(batch), stats=f"exact match {done / len(votes):.3f}")
+    em, em_se = mean_stderr(votes)
+    metrics = {"exact_match": em, "exact_match_stderr": em_se}
+    if cfg.n > 1:
+        acc, acc_se = mean_stderr(singles)
+        metrics.update({"sample_accuracy": acc, "sample_accuracy_stderr": acc_se})
+    return EvalResult("exact", model_spec, metrics, len(problems), "exact_match", samples,
+                      {"shots": cfg.shots, "extract": cfg.extract, "samples_per_question": cfg.n})

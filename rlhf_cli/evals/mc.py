@@ -1,0 +1,544 @@
+"""`rlhf eval mc`: multiple choice by log-likelihood (MMLU style), scored as lm-evaluation-harness does.
+
+Each question becomes one context and one continuation per choice; the choice whose continuation
+has the highest summed log-prob is the model's answer. The prompts are lm-evaluation-harness's
+(lm_eval/tasks/mmlu/default/_default_template_yaml and continuation/_continuation_template_yaml):
+
+  letter (lm-eval `mmlu`, default):  "{question}\\nA. {c0}\\nB. {c1}\\nC. {c2}\\nD. {c3}\\nAnswer:" + " A" | " B" ...
+  cloze (`mmlu_continuation`):       "Question: {question}\\nAnswer:" + " {choice text}"
+
+after the description "The following are [multiple choice] questions (with answers) about {subject}.\\n\\n"
+and k solved examples (the first k rows of the subject's dev split, lm-eval's `first_n` sampler),
+each followed by "\\n\\n". acc = argmax of the log-likelihoods; acc_norm = argmax of log-likelihood /
+the choice's length in characters (lm-eval's definition). Per-subject accuracy and the macro
+average go in the summary; `acc` itself is over all questions (lm-eval's size-weighted group score).
+`--format chat` renders the same turns as lm-eval's --apply_chat_template: the description as the
+system turn, each example a user turn plus an assistant turn with its answer, and bare "A".."D"
+(or choice texts) as continuations.
+
+Inputs: an MMLU CSV directory or file (`<subject>_test.csv`; header question,choice0,...,answer
+with an index or letter answer, or the original headerless layout), or JSONL rows
+{"question", "choices": [...], "answer": index | letter, "subject"?} (rename with --field).
+
+    rlhf eval mc mmlu/test/ --dev mmlu/dev/ -m sft/                       # 5-shot MMLU, letter scoring
+    rlhf eval mc mmlu/test/ --dev mmlu/dev/ --subjects anatomy,virology -m base/ -m sft/ --plot mmlu.png
+    rlhf eval mc quiz.jsonl --scoring cloze --field question=prompt -m sft/ --log-samples mc.jsonl
+
+Speed: a context is run once per question, not once per choice, and within a subject the shared
+few-shot prefix is run once and its KV cache reused by every batch. A batch runs the question
+suffixes (left-padded, positions continuing after the prefix) and reads every choice's first token
+at the last position, which is all that single-token choices (" A".." D") need; longer choices run
+once more over the question's cache, repeated per choice. `--no-shared-context` scores every
+(context, choice) as one full sequence, as lm-evaluation-harness's HFLM does: the reference path.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from rlhf_cli.errors import RlhfError
+from rlhf_cli.evals.base import EvalResult, FieldOpt, LogSamplesOpt, ModelsOpt, PlotOpt, mean_stderr, parse_fields, report
+from rlhf_cli.options import DeviceOpt, DtypeOpt, TrustOpt, check_choice
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+FIELDS = ("question", "choices", "answer", "subject")
+SPLIT_SUFFIXES = ("_test", "_dev", "_val", "_validation", "_train")
+
+
+@dataclass(frozen=True)
+class Question:
+    id: Any
+    subject: str  # "" when the data names none
+    question: str
+    choices: tuple[str, ...]
+    answer: int  # index into choices
+    where: str  # file:line, for error messages
+
+
+@dataclass(frozen=True)
+class Request:
+    """One question as tokens: the context and one continuation per choice (lm-eval's encoding)."""
+
+    context: list[int]
+    continuations: list[list[int]]
+    group: str = ""  # requests of a group share their longest common context prefix (one KV cache)
+
+
+@dataclass(frozen=True)
+class McConfig:
+    data: str
+    models: tuple[str, ...] = ("builtin:tiny",)
+    dev: str | None = None
+    shots: int = 0
+    subjects: tuple[str, ...] = ()
+    limit: int | None = None  # per subject, as lm-eval's --limit
+    scoring: str = "letter"  # letter | cloze
+    format: str = "raw"  # raw | chat
+    fields: tuple[str, ...] = ()
+    batch_size: int = 8
+    shared_context: bool = True
+    log_samples: str | None = None
+    plot: str | None = None
+    device: str = "auto"
+    dtype: str = "fp32"
+    trust_remote_code: bool = False
+
+
+def command(
+    data: Annotated[str, typer.Argument(help="MMLU CSV directory or file (SUBJECT_test.csv files), or JSONL ('-' = stdin).")],
+    model: ModelsOpt,
+    dev: Annotated[str | None, typer.Option("--dev", help="Few-shot examples: MMLU dev folder or file (SUBJECT_dev.csv), or JSONL.")] = None,
+    shots: Annotated[int | None, typer.Option("--shots", "-k", help="Examples per question, the first k dev rows of its subject [default: 5 with --dev, else 0].")] = None,
+    subjects: Annotated[str | None, typer.Option("--subjects", help="Only these subjects, comma-separated (e.g. anatomy,virology).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N questions of each subject (lm-eval's --limit).")] = None,
+    scoring: Annotated[str, typer.Option("--scoring", help="letter: continuations ' A'..' D' (lm-eval mmlu). cloze: ' ' + choice text (mmlu_continuation).")] = "letter",
+    fmt: Annotated[str, typer.Option("--format", help="raw: plain text, as lm-eval scores log-likelihood tasks. chat: the chat template, shots as turns (lm-eval --apply_chat_template).")] = "raw",
+    field: FieldOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Questions per forward pass.")] = 8,
+    shared_context: Annotated[bool, typer.Option("--shared-context/--no-shared-context", help="Run each context once and reuse its KV cache (off: one full sequence per choice, the reference).")] = True,
+    log_samples: LogSamplesOpt = None,
+    plot: PlotOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Multiple choice by log-likelihood (MMLU): acc and acc_norm per model, lm-evaluation-harness prompts.
+
+    Prints one JSON summary line ({"kind": "mc", "results": [{"model", "n", "acc", "acc_stderr",
+    "acc_norm", "acc_norm_stderr", "acc_macro", "subjects": {...}}]}) and a table on stderr.
+
+    Examples:
+
+      rlhf eval mc mmlu/test/ --dev mmlu/dev/ -m sft/
+
+      rlhf eval mc mmlu/test/ --dev mmlu/dev/ --subjects anatomy,virology -m base/ -m sft/ --plot mmlu.png
+
+      rlhf eval mc quiz.jsonl --scoring cloze --field question=prompt -m sft/ --log-samples mc.jsonl
+    """
+    cfg = McConfig(
+        data=data, models=tuple(model), dev=dev, shots=(5 if dev else 0) if shots is None else shots,
+        subjects=tuple(s.strip() for s in (subjects or "").split(",") if s.strip()), limit=limit,
+        scoring=check_choice("--scoring", scoring, ("letter", "cloze")), format=check_choice("--format", fmt, ("raw", "chat")),
+        fields=tuple(field or ()), batch_size=batch_size, shared_context=shared_context, log_samples=log_samples,
+        plot=plot, device=device, dtype=check_choice("--dtype", dtype, ("fp32", "bf16", "fp16")),
+        trust_remote_code=trust_remote_code,
+    )
+    run(cfg)
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def subject_of(path: Path) -> str:
+    """`high_school_physics_test.csv` -> `high_school_physics` (the split suffix is dropped)."""
+    stem = path.stem
+    for suffix in SPLIT_SUFFIXES:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def parse_answer(value: Any, n_choices: int, where: str) -> int:
+    """An index (int or digits) or a letter A.. -> index; anything else or out of range is an error."""
+    index = value
+    if isinstance(value, str) and value.strip().isdigit():
+        index = int(value.strip())
+    elif isinstance(value, str) and len(value.strip()) == 1 and value.strip() in LETTERS:
+        index = LETTERS.index(value.strip())
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n_choices:
+        raise RlhfError(f"{where}: answer {value!r} is not a choice index 0..{n_choices - 1} or a letter A..{LETTERS[n_choices - 1]}",
+                        "the answer is the index of the correct choice (0-based) or its letter")
+    return index
+
+
+def read_mmlu_csv(path: Path) -> list[Question]:
+    """One MMLU CSV file: header question,choice0..N,answer (HF cais/mmlu export) or the headerless original."""
+    subject, out, header = subject_of(path), [], None
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader, start = csv.reader(f), 1
+        for rec in reader:
+            where, start = f"{path}:{start}", reader.line_num + 1  # a quoted field may span lines
+            if not any(c.strip() for c in rec):
+                continue
+            if header is None:
+                names = [c.strip().lower() for c in rec]
+                header = names if "question" in names and "answer" in names else []
+                if header:
+                    q_col, a_col = names.index("question"), names.index("answer")
+                    c_cols = [i for i, n in enumerate(names) if n.startswith("choice") or n in ("a", "b", "c", "d")]
+                    s_col = names.index("subject") if "subject" in names else None
+                    continue
+            if header:
+                if len(rec) != len(header):
+                    raise RlhfError(f"{where}: {len(rec)} columns, the header has {len(header)}", "quote fields that contain commas")
+                q, choices, ans = rec[q_col], [rec[i] for i in c_cols], rec[a_col]
+                subj = rec[s_col] if s_col is not None and rec[s_col] else subject
+            else:  # hendrycks/test original: question, choices..., answer letter
+                if len(rec) < 4:
+                    raise RlhfError(f"{where}: {len(rec)} columns, expected question, at least two choices, answer",
+                                    "MMLU CSV: question,choice0,choice1,choice2,choice3,answer")
+                q, choices, ans, subj = rec[0], rec[1:-1], rec[-1], subject
+            out.append(make_question(f"{subj}/{len(out)}", subj, q, choices, ans, where))
+    if not out:
+        raise RlhfError(f"{path}:1: no questions in the file", "MMLU CSV: question,choice0,choice1,choice2,choice3,answer")
+    return out
+
+
+def make_question(qid: Any, subject: Any, question: Any, choices: Any, answer: Any, where: str) -> Question:
+    if not isinstance(question, str) or not question.strip():
+        raise RlhfError(f"{where}: the question is missing or empty", "give the question text")
+    if not isinstance(choices, list | tuple) or len(choices) < 2 or len(choices) > len(LETTERS):
+        raise RlhfError(f"{where}: choices must be a list of 2 to 26 strings", 'e.g. "choices": ["4", "5", "6", "7"]')
+    if not all(isinstance(c, str) and c for c in choices):
+        raise RlhfError(f"{where}: every choice must be a non-empty string", 'e.g. "choices": ["4", "5", "6", "7"]')
+    subject = subject if isinstance(subject, str) else ""
+    return Question(qid, subject, question, tuple(choices), parse_answer(answer, len(choices), where), where)
+
+
+def read_mc_jsonl(path: str, fields: dict[str, str]) -> list[Question]:
+    from rlhf_cli.data.jsonl import read_jsonl
+
+    col = {name: fields.get(name, name) for name in FIELDS}
+    out = []
+    for n, line in enumerate(read_jsonl(path)):
+        d = line.data
+        for name in ("question", "choices", "answer"):
+            if col[name] not in d:
+                raise RlhfError(f"{line.where}: no {col[name]!r} field", f"map your column with --field {name}=COLUMN")
+        out.append(make_question(d.get("id", n), d.get(col["subject"], ""), d[col["question"]], d[col["choices"]],
+                                 d[col["answer"]], line.where))
+    return out
+
+
+def load_questions(path: str, fields: dict[str, str], split: str = "test") -> list[Question]:
+    """A directory of CSVs (`*_{split}.csv` if any, else `*.csv`), one CSV, or JSONL."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob(f"*_{split}.csv")) or sorted(p.glob("*.csv"))
+        if not files:
+            raise RlhfError(f"{path}: no .csv files in the directory", f"point at MMLU's {split}/ folder of <subject>_{split}.csv files")
+        return [q for f in files for q in read_mmlu_csv(f)]
+    if path.endswith(".csv"):
+        if not p.is_file():
+            raise RlhfError(f"{path}: no such file", "check the path")
+        return read_mmlu_csv(p)
+    return read_mc_jsonl(path, fields)
+
+
+def select(questions: list[Question], subjects: tuple[str, ...], limit: int | None, data: str) -> list[Question]:
+    """Keep the named subjects (all when none) and the first `limit` questions of each."""
+    known = dict.fromkeys(q.subject for q in questions)
+    missing = [s for s in subjects if s not in known]
+    if missing:
+        raise RlhfError(f"{data}: no questions for subject(s) {', '.join(missing)}", f"subjects here: {', '.join(list(known)[:12])}...")
+    seen: dict[str, int] = {}
+    out = []
+    for q in questions:
+        if (not subjects or q.subject in subjects) and seen.get(q.subject, 0) < (limit or len(questions)):
+            seen[q.subject] = seen.get(q.subject, 0) + 1
+            out.append(q)
+    return out
+
+
+# --- prompts (lm-eval's templates; see the module docstring) --------------------------------------------
+
+
+def description(subject: str, scoring: str) -> str:
+    if not subject:
+        return ""
+    what = "multiple choice questions" if scoring == "letter" else "questions"
+    return f"The following are {what} (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def doc_text(q: Question, scoring: str) -> str:
+    if scoring == "letter":
+        return "\n".join([q.question.strip(), *(f"{LETTERS[i]}. {c}" for i, c in enumerate(q.choices)), "Answer:"])
+    return f"Question: {q.question.strip()}\nAnswer:"
+
+
+def choice_texts(q: Question, scoring: str) -> list[str]:
+    return list(LETTERS[: len(q.choices)]) if scoring == "letter" else list(q.choices)
+
+
+def build_prompt(q: Question, shots: list[Question], scoring: str) -> str:
+    """description + ("{example} {answer}\\n\\n" per shot) + the question, as lm-eval's fewshot_context."""
+    examples = "".join(f"{doc_text(s, scoring)} {choice_texts(s, scoring)[s.answer]}\n\n" for s in shots)
+    return description(q.subject, scoring) + examples + doc_text(q, scoring)
+
+
+def chat_context(tok: Any, q: Question, shots: list[Question], scoring: str) -> str:
+    """lm-eval's --apply_chat_template (few-shot as multi-turn, its default): the description as the
+    system turn, each example a user turn + an assistant turn holding its answer, then the question."""
+    import jinja2
+
+    desc = description(q.subject, scoring)
+    msgs = [{"role": "system", "content": desc}] if desc else []
+    for s in shots:
+        msgs += [{"role": "user", "content": doc_text(s, scoring)}, {"role": "assistant", "content": choice_texts(s, scoring)[s.answer]}]
+    msgs.append({"role": "user", "content": doc_text(q, scoring)})
+    try:
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    except jinja2.exceptions.TemplateError:  # a template without a system role: lm-eval drops it and retries
+        return tok.apply_chat_template(msgs[bool(desc):], tokenize=False, add_generation_prompt=True)
+
+
+def encode_pair(tok: Any, context: str, continuations: list[str]) -> tuple[list[int], list[list[int]]]:
+    """lm-eval's HFLM._encode_pair: trailing context whitespace moves into the continuation; the
+    continuation is tokens(context + continuation) after len(tokens(context)). Special tokens as the
+    tokenizer adds them, unless the text already starts with BOS (lm-eval's tok_encode)."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuations = context[:-n], [context[-n:] + c for c in continuations]
+    bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    special = bos_id is None or not context.startswith(tok.decode([bos_id]))
+    ids = tok([context, *(context + c for c in continuations)], add_special_tokens=special)["input_ids"]
+    return ids[0], [whole[len(ids[0]):] for whole in ids[1:]]
+
+
+def choose(lls: list[float], lengths: list[int]) -> tuple[int, int]:
+    """(pred, pred_norm): argmax of the log-likelihoods and of log-likelihood / length in characters
+    (lm-eval's acc / acc_norm; the first index wins a tie, as np.argmax)."""
+    norm = [ll / n for ll, n in zip(lls, lengths, strict=True)]
+    return lls.index(max(lls)), norm.index(max(norm))
+
+
+# --- log-likelihood ------------------------------------------------------------------------------------
+
+
+def max_length(model: Any, tok: Any) -> int:
+    """The context window lm-eval assumes (its resolve_max_length): config, then tokenizer, then 2048."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(cfg, attr, None) is not None:
+            return int(getattr(cfg, attr))
+    n = getattr(tok, "model_max_length", None)
+    return int(n) if n is not None and n < 10**29 else 2048
+
+
+def loglik_naive(model: Any, requests: list[Request], batch_size: int, device: str, max_len: int,
+                 progress: Callable[[int], None] | None = None) -> list[list[float]]:
+    """Reference: each (context, continuation) as one right-padded sequence, as lm-eval's
+    HFLM._loglikelihood_tokens: input = (context + continuation)[-(max_len + 1):][:-1], and the
+    score is the sum of log p(continuation tokens) read from the last len(continuation) positions."""
+    import torch
+
+    pairs = [(i, j) for i, r in enumerate(requests) for j in range(len(r.continuations))]
+    out = [[0.0] * len(r.continuations) for r in requests]
+    done = 0  # questions whose every choice is scored
+    with torch.no_grad():
+        for b in range(0, len(pairs), batch_size):
+            chunk = pairs[b : b + batch_size]
+            inps = [(requests[i].context + requests[i].continuations[j])[-(max_len + 1) :][:-1] for i, j in chunk]
+            width = max(map(len, inps))
+            ids = torch.tensor([x + [0] * (width - len(x)) for x in inps], device=device)  # (N, T)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in inps], device=device)
+            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # (N, T, V)
+            for row, (i, j) in enumerate(chunk):
+                cont, n = requests[i].continuations[j], len(inps[row])
+                target = torch.tensor(cont, device=device)[:, None]
+                out[i][j] = logp[row, n - len(cont) : n].gather(-1, target).sum().item()
+            last_i, last_j = chunk[-1]
+            now = last_i + (last_j == len(requests[last_i].continuations) - 1)
+            if progress and now > done:
+                progress(now - done)
+            done = now
+    return out
+
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the longest common token prefix, leaving every sequence at least one token of its own."""
+    first, n = seqs[0], min(map(len, seqs)) - 1
+    for s in seqs[1:]:
+        n = next((k for k in range(n) if s[k] != first[k]), n)
+    return max(n, 0)
+
+
+def loglik_shared(model: Any, requests: list[Request], batch_size: int, device: str, max_len: int,
+                  progress: Callable[[int], None] | None = None) -> list[list[float]]:
+    """Same numbers as `loglik_naive`, with each context run once: per group (subject), the common
+    prefix (the few-shot examples) once; per batch, the question suffixes over that KV cache; then
+    the multi-token continuations over the questions' caches. Requests longer than the window go
+    to `loglik_naive`, which truncates them as lm-eval does."""
+    import torch
+
+    from rlhf_cli.generation import _accepts, _plain_linear_head
+
+    plain = _plain_linear_head(model)
+    ckw = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
+    out: list[list[float]] = [[] for _ in requests]
+    fits = [len(r.context) + max(map(len, r.continuations)) <= max_len + 1 for r in requests]
+    long = [i for i, ok in enumerate(fits) if not ok]
+    for i, lls in zip(long, loglik_naive(model, [requests[i] for i in long], batch_size, device, max_len, progress), strict=True):
+        out[i] = lls
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(requests):
+        if fits[i]:
+            groups.setdefault(r.group, []).append(i)
+    with torch.no_grad():
+        for idx in groups.values():
+            p = common_prefix([requests[i].context for i in idx])
+            prefix = None
+            if p:  # the few-shot examples: run once per group, reused by every batch
+                ids = torch.tensor([requests[idx[0]].context[:p]], device=device)
+                _, prefix = _forward(model, (plain, ckw), ids, torch.ones_like(ids), torch.arange(p, device=device)[None], None, last_only=False)
+            idx.sort(key=lambda i: -len(requests[i].context))  # similar lengths batch together: less padding
+            for b in range(0, len(idx), batch_size):
+                batch = idx[b : b + batch_size]
+                for i, lls in zip(batch, _score_batch(model, (plain, ckw), [requests[i] for i in batch], p, prefix, device), strict=True):
+                    out[i] = lls
+                if progress:
+                    progress(len(batch))
+    return out
+
+
+def _score_batch(model: Any, how: tuple[bool, str], batch: list[Request], p: int, prefix: Any, device: str) -> list[list[float]]:
+    """Log-likelihoods of one batch of same-group requests whose first `p` context tokens are `prefix` (a KV cache)."""
+    import copy
+
+    import torch
+
+    from rlhf_cli.generation import left_pad
+
+    # 1. question suffixes, left-padded after the shared prefix: the last column is every context's end
+    ids, smask = left_pad([r.context[p:] for r in batch], 0, device)  # (B, S)
+    mask = torch.cat([smask.new_ones(len(batch), p), smask], 1)  # (B, P+S): holes where a row is padded
+    pos = p + (smask.cumsum(1) - 1).clamp(min=0)  # positions continue after the prefix
+    cache = None
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(len(batch))
+    multi = any(len(c) > 1 for r in batch for c in r.continuations)
+    states, cache = _forward(model, how, ids, mask, pos, cache, last_only=not multi)
+    first = _log_softmax(model, how[0], states[:, -1])  # (B, V): log p(next token | context)
+    out = [[first[i, c[0]].item() for c in r.continuations] for i, r in enumerate(batch)]
+    if not multi:
+        return out
+    # 2. continuation tokens 2.. over each question's cache, repeated once per multi-token choice
+    rows = [(i, j) for i, r in enumerate(batch) for j, c in enumerate(r.continuations) if len(c) > 1]
+    sel = torch.tensor([i for i, _ in rows], device=device)
+    cache.batch_select_indices(sel)
+    conts = [batch[i].continuations[j] for i, j in rows]
+    width = max(len(c) for c in conts) - 1
+    cids = torch.tensor([c[:-1] + [0] * (width + 1 - len(c)) for c in conts], device=device)  # (R, W)
+    cmask = torch.tensor([[1] * (len(c) - 1) + [0] * (width + 1 - len(c)) for c in conts], device=device)
+    start = p + smask.sum(1)[sel]  # (R,) position of each row's first continuation token
+    cpos = start[:, None] + torch.arange(width, device=device)
+    states, _ = _forward(model, how, cids, torch.cat([mask[sel], cmask], 1), cpos, cache, last_only=False)
+    logp = _log_softmax(model, how[0], states[cmask.bool()])  # (real tokens, V)
+    targets = torch.tensor([t for c in conts for t in c[1:]], device=device)
+    tok_lp = logp.gather(-1, targets[:, None]).squeeze(-1).split([len(c) - 1 for c in conts])
+    for (i, j), lp in zip(rows, tok_lp, strict=True):
+        out[i][j] += lp.sum().item()
+    return out
+
+
+def _forward(model: Any, how: tuple[bool, str], ids: Any, mask: Any, pos: Any, cache: Any, last_only: bool) -> tuple[Any, Any]:
+    """Final hidden states (plain linear head: applied later, only where needed) or logits, + the cache.
+
+    how = (plain head?, the model's name for the cache argument)."""
+    from rlhf_cli.generation import _accepts
+
+    plain, ckw = how
+    kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, ckw: cache, "use_cache": not last_only}
+    if plain:
+        out = model.get_decoder()(**kw)
+        return out.last_hidden_state, getattr(out, ckw)
+    keep = {"logits_to_keep": 1} if last_only and _accepts(model, "logits_to_keep") else {}
+    out = model(**kw, **keep)
+    return out.logits, getattr(out, ckw)
+
+
+def _log_softmax(model: Any, plain: bool, states: Any) -> Any:
+    logits = model.get_output_embeddings()(states) if plain else states
+    return logits.float().log_softmax(-1)
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+def load_data(cfg: McConfig) -> tuple[list[Question], dict[str, list[Question]]]:
+    """All questions to score and the shots for each subject; every input error surfaces here."""
+    if cfg.batch_size < 1 or cfg.shots < 0 or (cfg.limit is not None and cfg.limit < 1):
+        raise RlhfError("need --batch-size >= 1, --shots >= 0 and --limit >= 1")
+    if cfg.shots and not cfg.dev:
+        raise RlhfError(f"--shots {cfg.shots} needs --dev, the file or folder the examples come from", "e.g. --dev mmlu/dev/")
+    fields = parse_fields(list(cfg.fields), FIELDS)
+    questions = select(load_questions(cfg.data, fields), cfg.subjects, cfg.limit, cfg.data)
+    shots: dict[str, list[Question]] = {}
+    if cfg.shots:
+        pool: dict[str, list[Question]] = {}
+        for q in load_questions(cfg.dev, fields, split="dev"):
+            pool.setdefault(q.subject, []).append(q)
+        for s in dict.fromkeys(q.subject for q in questions):
+            have = pool.get(s, pool.get("", []))
+            if len(have) < cfg.shots:
+                raise RlhfError(f"{cfg.dev}: {len(have)} dev examples for subject {s!r}, --shots wants {cfg.shots}",
+                                f"give a {s}_dev.csv with at least {cfg.shots} rows, or lower --shots")
+            shots[s] = have[: cfg.shots]
+    return questions, shots
+
+
+def evaluate(cfg: McConfig, spec: Any, questions: list[Question], shots: dict[str, list[Question]]) -> EvalResult:
+    """Score every question with one model; -> its EvalResult (metrics, per-subject extra, samples)."""
+    from rlhf_cli import runtime
+    from rlhf_cli.metrics import progress_bar
+    from rlhf_cli.models.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer(spec, cfg.trust_remote_code)
+    delim = " " if cfg.format == "raw" else ""  # lm-eval drops the target delimiter under a chat template
+    texts, requests = [], []
+    for q in questions:
+        ex = shots.get(q.subject, [])
+        text = build_prompt(q, ex, cfg.scoring) if cfg.format == "raw" else chat_context(tok, q, ex, cfg.scoring)
+        ctx, conts = encode_pair(tok, text, [delim + c for c in choice_texts(q, cfg.scoring)])
+        texts.append(text)
+        requests.append(Request(ctx, conts, q.subject))
+    device = runtime.pick_device(cfg.device)
+    model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
+    score = loglik_shared if cfg.shared_context else loglik_naive
+    with progress_bar(True) as bar:
+        task = bar.add_task(f"mc {spec.raw}", total=len(requests), stats="")
+        lls = score(model, requests, cfg.batch_size, device, max_length(model, tok), lambda n: bar.update(task, advance=n))
+
+    correct, correct_norm, samples = [], [], []
+    for q, text, ll in zip(questions, texts, lls, strict=True):
+        labels = choice_texts(q, cfg.scoring)
+        pred, pred_norm = choose(ll, [len(c) for c in labels])
+        correct.append(float(pred == q.answer))
+        correct_norm.append(float(pred_norm == q.answer))
+        samples.append({"id": q.id, "subject": q.subject, "input": text, "output": labels[pred], "extracted": pred,
+                        "target": q.answer, "score": correct[-1], "acc_norm": correct_norm[-1], "pred_norm": pred_norm,
+                        "choices": labels, "loglikelihoods": ll})
+    acc, acc_se = mean_stderr(correct)
+    acc_norm, acc_norm_se = mean_stderr(correct_norm)
+    metrics = {"acc": acc, "acc_stderr": acc_se, "acc_norm": acc_norm, "acc_norm_stderr": acc_norm_se}
+    extra: dict[str, Any] = {"scoring": cfg.scoring, "shots": cfg.shots, "format": cfg.format}
+    by_subject: dict[str, list[int]] = {}
+    for k, q in enumerate(questions):
+        by_subject.setdefault(q.subject, []).append(k)
+    if len(by_subject) > 1 or "" not in by_subject:
+        extra["subjects"] = {s: {"n": len(ks), "acc": sum(correct[k] for k in ks) / len(ks),
+                                 "acc_norm": sum(correct_norm[k] for k in ks) / len(ks)} for s, ks in by_subject.items()}
+        extra["acc_macro"] = sum(v["acc"] for v in extra["subjects"].values()) / len(by_subject)
+        extra["acc_norm_macro"] = sum(v["acc_norm"] for v in extra["subjects"].values()) / len(by_subject)
+    return EvalResult("mc", spec.raw, metrics, len(questions), "acc" if cfg.scoring == "letter" else "acc_norm", samples, extra)
+
+
+def run(cfg: McConfig) -> list[EvalResult]:
+    from rlhf_cli.models.loading import parse_model_spec
+
+    # 1. all input (data, shots, model specs) checked before any model loads
+    questions, shots = load_data(cfg)
+    specs = [parse_model_spec(m) for m in cfg.models]
+    if not specs:
+        raise RlhfError("no --model given", "e.g. -m sft/ (repeat for a comparison table)")
+    # 2. each model in turn; 3. one summary line, table, sample log, plot
+    results = [evaluate(cfg, spec, questions, shots) for spec in specs]
+    report(results, cfg.data, cfg.log_samples, cfg.plot)
+    return results

@@ -1,0 +1,579 @@
+"""`rlhf eval winrate`: candidate outputs against reference outputs, judged in both orders (AlpacaEval).
+
+Inputs, matched by instruction text:
+  * candidates: AlpacaEval `model_outputs.json` (a JSON array of {"instruction", "output", "generator",
+    "dataset"}), JSONL with the same fields, `rlhf sample` rows ({"prompt", "completions": [first, ...]}),
+    or any JSONL with `--field instruction=COL --field output=COL`; or `-m MODEL` generates them from the
+    reference's instructions (chat template, greedy by default);
+  * `--reference FILE`: the same layouts (AlpacaEval 2's reference is gpt4_1106_preview's model_outputs.json);
+  * or `--annotations FILE`: AlpacaEval annotations.json ({"instruction", "output_1" (the reference),
+    "output_2" (the model), "generator_2", "preference" in [1, 2]}), scored without calling a judge.
+
+Judging: any `rlhf pairwise` judge. Pair judges (lm:, api:, human) see each pair in both orders
+(human: one seeded order unless --both-orders); orders that disagree are a tie. Score judges (rm:,
+rule:) score each output alone. Identical outputs are a tie without asking (as AlpacaEval does).
+
+Metrics (AlpacaEval's `get_winrate`, src/alpaca_eval/metrics/{winrate,helpers}.py): with preference
+p in [1, 2] (1 = the reference is better, 2 = the candidate, 1.5 = a tie; a legacy 0 also means a tie;
+null = no answer, left out), win_rate = 100 * mean(p - 1) with standard error 100 * sem(p - 1) (ddof 1),
+n_wins = #(p > 1.5), n_losses = #(p < 1.5), n_draws = #(p == 1.5), discrete_win_rate = the same
+mean after rounding p to 1 / 1.5 / 2. lc_win_rate: the length-controlled win rate of AlpacaEval 2
+(`length_controlled`, below).
+
+Fidelity: on the 59 AlpacaEval 2 annotation files that the tatsu-lab/alpaca_eval repository holds
+(weighted_alpaca_eval_gpt4_turbo), win_rate, its standard error and the counts equal the published
+leaderboard to 1e-9; the LC win rate differs (alpaca-7b: 19.83 here, 5.88 published) because the
+official GLM also uses per-instruction difficulties and "gamed" baselines that are only on the HF hub.
+
+    rlhf eval winrate outputs.json --reference ../shared/data/alpaca_eval/results/gpt4_1106_preview/model_outputs.json --judge api:gpt-4o-mini --max-cost 5
+    rlhf eval winrate --reference ref.json -m base/ -m sft/ -m ppo/ --judge lm:judge/ --plot winrate.png
+    rlhf eval winrate --annotations ../shared/data/alpaca_eval/results/alpaca-7b/weighted_alpaca_eval_gpt4_turbo/annotations.json
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
+
+import typer
+
+from rlhf_cli.console import warn
+from rlhf_cli.data.jsonl import Line
+from rlhf_cli.errors import RlhfError
+from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, parse_fields, report
+from rlhf_cli.judges.base import JudgeOptions
+from rlhf_cli.options import DeviceOpt, DtypeOpt, SeedOpt, TrustOpt
+
+FIELDS = ("instruction", "output", "generator")
+EXIT_STOPPED = 3  # the judge stopped early (--max-cost, a human's quit): the summary covers what was judged
+L2 = 1e-3  # the GLM's ridge penalty (on the summed log-loss): only matters when the data are separable
+JUDGE = "Judge options"
+GEN = "Generation (-m)"
+
+
+@dataclass(frozen=True)
+class WinrateConfig:
+    outputs: tuple[str, ...] = ()
+    reference: str | None = None
+    models: tuple[str, ...] = ()
+    annotations: tuple[str, ...] = ()
+    judge: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    both_orders: bool | None = None  # None: both for every pair judge but `human`
+    weighted: bool = False
+    difficulty: str | None = None
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    batch_size: int = 8
+    seed: int = 0
+    log_samples: str | None = None
+    plot: str | None = None
+    device: str = "auto"
+    dtype: str = "fp32"
+    trust_remote_code: bool = False
+    judge_options: JudgeOptions = field(default_factory=JudgeOptions)
+
+
+def command(
+    outputs: Annotated[list[str] | None, typer.Argument(help="Candidate outputs (AlpacaEval JSON array or JSONL; one result each), or '-'.", show_default=False)] = None,
+    reference: Annotated[str | None, typer.Option("--reference", "-r", help="Reference outputs, matched to candidates by instruction.")] = None,
+    model: ModelsOpt = None,  # type: ignore[assignment]
+    annotations: Annotated[list[str] | None, typer.Option("--annotations", help="AlpacaEval annotations.json: score its preferences, no judge (repeatable).")] = None,
+    judge: Annotated[str | None, typer.Option("--judge", "-j", help="rule:... | rm:PATH | lm:MODEL | api:MODEL | human (as in `rlhf pairwise`).")] = None,
+    fields: FieldOpt = None,
+    limit: LimitOpt = None,
+    both_orders: Annotated[bool | None, typer.Option("--both-orders/--one-order", help="Pair judges: ask A|B and B|A, disagreement is a tie. Default: both, one for human.", show_default=False)] = None,
+    weighted: Annotated[bool, typer.Option("--weighted", help="Use the judge's P(better), averaged over both orders, as the preference (AlpacaEval 2's weighted judge).")] = False,
+    difficulty: Annotated[str | None, typer.Option("--instruction-difficulty", help="AlpacaEval's instruction_difficulty.csv (index = reference row): adds the GLM's difficulty term.")] = None,
+    log_samples: LogSamplesOpt = None,
+    plot: PlotOpt = None,
+    seed: SeedOpt = 0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="-m: longest output, in tokens.", rich_help_panel=GEN)] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="-m: 0 = greedy.", rich_help_panel=GEN)] = 0.0,
+    answer_field: Annotated[str, typer.Option("--answer-field", help="rule: the reference-row field holding the reference answer.", rich_help_panel=JUDGE)] = "answer",
+    template: Annotated[str | None, typer.Option("--template", help="lm / api: pairwise prompt template file.", rich_help_panel=JUDGE)] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="api: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1.", rich_help_panel=JUDGE)] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env", help="api: name of the environment variable holding the key.", rich_help_panel=JUDGE)] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option("--concurrency", help="api: requests in flight.", rich_help_panel=JUDGE)] = 4,
+    prices: Annotated[str | None, typer.Option("--prices", help="api: 'IN,OUT' dollars per million tokens, or a JSON price table.", rich_help_panel=JUDGE)] = None,
+    max_cost: Annotated[float | None, typer.Option("--max-cost", help="api: stop after this many dollars (exit 3; cached verdicts make a rerun cheap).", rich_help_panel=JUDGE)] = None,
+    cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="api: verdict cache directory.", rich_help_panel=JUDGE)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="lm / rm judge and -m generation: sequences per forward pass.")] = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "fp32",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Judged win rate of candidate outputs against reference outputs, with AlpacaEval 2's length control.
+
+    Summary per candidate: win_rate (%, ± standard error), lc_win_rate (length-controlled, %),
+    discrete_win_rate, n_wins / n_draws / n_losses, avg_length and ref_avg_length (characters).
+    --log-samples rows: {"model", "id", "input" (instruction), "output", "target" (the reference
+    output), "score" (P(candidate better): 1, 0.5, 0), "preference" (AlpacaEval's 1..2), "judge"}.
+    Exit codes: 0 done, 2 bad input, 3 the judge stopped early (the summary covers what it judged).
+
+    Examples:
+
+      rlhf eval winrate model_outputs.json --reference gpt4_1106_preview/model_outputs.json --judge api:gpt-4o-mini
+
+      rlhf eval winrate --reference ref.json -m base/ -m sft/ -m ppo/ --judge lm:judge/ --plot winrate.png
+
+      rlhf eval winrate --annotations alpaca-7b/weighted_alpaca_eval_gpt4_turbo/annotations.json
+
+      rlhf eval winrate samples.jsonl --reference ref.jsonl --field instruction=prompt --judge rm:rm/
+    """
+    opts = JudgeOptions(
+        reference=answer_field, template=template, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+        cache_dir=cache_dir, prices=prices, max_cost=max_cost, device=device, dtype=dtype, batch_size=batch_size,
+        trust_remote_code=trust_remote_code, seed=seed,
+    )
+    cfg = WinrateConfig(
+        outputs=tuple(outputs or ()), reference=reference, models=tuple(model or ()), annotations=tuple(annotations or ()),
+        judge=judge, fields=parse_fields(fields, FIELDS), limit=limit, both_orders=both_orders, weighted=weighted,
+        difficulty=difficulty, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed,
+        log_samples=log_samples, plot=plot, device=device, dtype=dtype, trust_remote_code=trust_remote_code, judge_options=opts,
+    )
+    results = run(cfg)
+    if any(r.extra.get("stopped") for r in results):
+        raise typer.Exit(EXIT_STOPPED)
+
+
+# ---------------------------------------------------------------------------------- the run
+
+
+class Output(NamedTuple):
+    """One row of an outputs file: what was asked, what was answered, by whom, and where it was read."""
+
+    instruction: str
+    output: str
+    generator: str | None
+    row: dict[str, Any]
+    where: str
+
+
+class Pair(NamedTuple):
+    """One judged comparison: reference row `index` (its position in the reference file)."""
+
+    index: int
+    instruction: str
+    reference: str
+    candidate: str
+    row: dict[str, Any]  # the reference row (a rule judge reads its answer field)
+    where: str  # the candidate's file:line
+    preference: float | None = None  # given (annotations), else the judge's
+
+
+def _validate(cfg: WinrateConfig) -> None:
+    if cfg.annotations and (cfg.outputs or cfg.models or cfg.reference or cfg.judge):
+        raise RlhfError("--annotations already holds both outputs and preferences", "give --annotations alone, or outputs/-m with --reference and --judge")
+    if not cfg.annotations:
+        if not cfg.reference:
+            raise RlhfError("--reference FILE is required (or score existing judgements with --annotations FILE)")
+        if not (cfg.outputs or cfg.models):
+            raise RlhfError("nothing to evaluate", "give candidate output files, or -m MODEL to generate them")
+        if not cfg.judge:
+            raise RlhfError("--judge is required to compare outputs", "e.g. --judge api:gpt-4o-mini, --judge lm:MODEL, --judge rm:PATH")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise RlhfError("--limit must be >= 1")
+    if cfg.batch_size < 1 or cfg.max_new_tokens < 1 or cfg.temperature < 0:
+        raise RlhfError("need --batch-size >= 1, --max-new-tokens >= 1 and --temperature >= 0")
+
+
+def run(cfg: WinrateConfig, judge: Any = None) -> list[EvalResult]:
+    """Read and match everything, generate for each -m, judge, score; `judge` overrides cfg.judge (tests)."""
+    # 1. read and validate all input before any model or judge
+    _validate(cfg)
+    difficulty = read_difficulty(cfg.difficulty) if cfg.difficulty else None
+    if cfg.annotations:
+        sets = [read_annotations(p, cfg.limit) for p in cfg.annotations]
+        results = [score_set(label, pairs, None, difficulty, cfg.difficulty) for label, pairs in sets]
+        report(results, ", ".join(cfg.annotations), cfg.log_samples, cfg.plot)
+        return results
+    refs = read_outputs(cfg.reference, cfg.fields)  # type: ignore[arg-type]
+    sets = [(label_of(p, rows), match(rows, refs, cfg.reference, cfg.limit)) for p in cfg.outputs for rows in [read_outputs(p, cfg.fields)]]  # type: ignore[arg-type]
+    refs = refs[: cfg.limit]
+    if difficulty is not None:
+        lookup_difficulty(difficulty, _ref_pairs(refs, [r.output for r in refs], "reference"), cfg.difficulty)
+    if cfg.models:
+        from rlhf_cli.models.loading import parse_model_spec
+
+        for m in cfg.models:
+            parse_model_spec(m)
+
+    # 2. the judge (a missing API key fails here, before any generation), then each -m model in turn
+    from rlhf_cli.judges import build_judge
+
+    judge = judge or build_judge(cfg.judge, replace(cfg.judge_options, seed=cfg.seed))  # type: ignore[arg-type]
+    try:
+        for m in cfg.models:
+            sets.append((m, _ref_pairs(refs, generate_outputs(m, [r.instruction for r in refs], cfg), m)))
+
+        # 3. judge every set in one stream (an api judge keeps --concurrency requests in flight across sets)
+        judged, stopped = judge_sets(judge, [pairs for _, pairs in sets], cfg)
+        desc = judge.describe()
+    finally:
+        close = getattr(judge, "close", None)
+        if close is not None:
+            close()
+
+    # 4. score each set, then the shared summary / table / sample log / plot
+    results = []
+    for (label, pairs), verdicts in zip(sets, judged, strict=True):
+        pairs = [p._replace(preference=v["preference"]) for p, v in zip(pairs, verdicts, strict=True)]
+        res = score_set(label, pairs, verdicts, difficulty, cfg.difficulty)
+        res.extra.update(judge=desc, cost=sum(v.get("cost", 0.0) for v in verdicts), stopped=stopped)
+        results.append(res)
+    if stopped:
+        warn(f"the judge stopped early ({stopped}): unanswered pairs are left out of n; a rerun reuses cached verdicts")
+    report(results, cfg.reference, cfg.log_samples, cfg.plot)  # type: ignore[arg-type]
+    return results
+
+
+def _ref_pairs(refs: list[Output], texts: list[str], model: str) -> list[Pair]:
+    return [Pair(k, r.instruction, r.output, t, r.row, f"{model} on {r.where}") for k, (r, t) in enumerate(zip(refs, texts, strict=True))]
+
+
+def score_set(label: str, pairs: list[Pair], verdicts: list[dict[str, Any]] | None,
+              difficulty: dict[int, float] | None, difficulty_path: str | None) -> EvalResult:
+    """Metrics and --log-samples rows for one candidate set."""
+    prefs = [p.preference for p in pairs]
+    stats = winrate_stats(prefs)
+    diff = lookup_difficulty(difficulty, pairs, difficulty_path) if difficulty is not None else None
+    lc = length_controlled(prefs, [len(p.candidate) for p in pairs], [len(p.reference) for p in pairs], diff)
+    metrics = {
+        "win_rate": stats["win_rate"], "win_rate_stderr": stats["standard_error"],
+        "lc_win_rate": lc["lc_win_rate"], "lc_win_rate_stderr": lc["lc_standard_error"],
+        "n_wins": stats["n_wins"], "n_draws": stats["n_draws"], "n_losses": stats["n_losses"],
+        "avg_length": _mean([len(p.candidate) for p in pairs]), "ref_avg_length": _mean([len(p.reference) for p in pairs]),
+    }
+    samples = []
+    for k, p in enumerate(pairs):
+        row = {"id": p.index, "input": p.instruction, "output": p.candidate, "extracted": None, "target": p.reference,
+               "score": None if p.preference is None else p.preference - 1.0, "preference": p.preference,
+               "lc_preference": lc["predicted"][k]}
+        if verdicts is not None:
+            row["judge"] = {key: v for key, v in verdicts[k].items() if key != "preference"}
+        samples.append(row)
+    extra: dict[str, Any] = {"discrete_win_rate": stats["discrete_win_rate"], "n_dropped": stats["n_dropped"], "lc_weights": lc["weights"]}
+    return EvalResult("winrate", label, metrics, stats["n_total"], "win_rate", samples, extra)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def _text(line: Line, key: str, column: str, hint: str | None = None) -> str:
+    v = line.data.get(column)
+    if column == "completions" and isinstance(v, list) and v and isinstance(v[0], str):
+        return v[0]  # an `rlhf sample` row: its first completion
+    if not isinstance(v, str):
+        got = "missing" if v is None else type(v).__name__
+        raise RlhfError(f"{line.where}: {key} field {column!r} is {got}, expected a string",
+                        hint or f"the row has: {', '.join(sorted(line.data))}; name the column with --field {key}=COLUMN")
+    return v
+
+
+def read_outputs(path: str, fields: dict[str, str]) -> list[Output]:
+    """An outputs file (AlpacaEval JSON array, or JSONL) as Output rows; errors name file:line.
+
+    Columns: --field NAME=COLUMN, else instruction <- "instruction" | "prompt", output <- "output" |
+    "completion" | "completions"[0] (an `rlhf sample` row), generator <- "generator" (optional).
+    """
+    from rlhf_cli.agreement import load_records
+
+    out = []
+    for line in load_records(path):
+        d = line.data
+        ins = fields.get("instruction") or ("prompt" if "prompt" in d and "instruction" not in d else "instruction")
+        col = fields.get("output") or next((c for c in ("output", "completion", "completions") if c in d), "output")
+        gen = d.get(fields.get("generator", "generator"))
+        out.append(Output(_text(line, "instruction", ins), _text(line, "output", col), gen if isinstance(gen, str) else None, d, line.where))
+    return out
+
+
+def label_of(path: str, rows: list[Output]) -> str:
+    """A candidate set's name: its one `generator`, else the file name."""
+    gens = {r.generator for r in rows}
+    if len(gens) == 1 and None not in gens:
+        return str(gens.pop())
+    return "<stdin>" if path == "-" else Path(path).name
+
+
+def match(cands: list[Output], refs: list[Output], ref_path: str, limit: int | None = None) -> list[Pair]:
+    """Candidates onto reference rows by instruction, in reference order (the k-th repeat of an
+    instruction meets its k-th repeat in the reference). A candidate the reference lacks is an
+    error; reference rows (of the first --limit) without a candidate are left out with a warning."""
+    slots: dict[str, list[int]] = {}
+    for k, r in enumerate(refs):
+        slots.setdefault(r.instruction, []).append(k)
+    taken: dict[int, Output] = {}
+    seen: dict[str, int] = {}
+    for c in cands:
+        n = seen[c.instruction] = seen.get(c.instruction, -1) + 1
+        ks = slots.get(c.instruction, [])
+        if n >= len(ks):
+            what = "is not in" if not ks else f"appears more often ({n + 1}x) than in"
+            raise RlhfError(f"{c.where}: instruction {what} the reference {ref_path}: {c.instruction[:60]!r}",
+                            "candidates and reference must share instructions; check --field instruction=COLUMN")
+        taken[ks[n]] = c
+    want = len(refs) if limit is None else min(limit, len(refs))
+    keep = [k for k in sorted(taken) if k < want]
+    if not keep:
+        raise RlhfError(f"{cands[0].where}: no candidate answers the first {want} reference instructions", "raise --limit")
+    if len(keep) < want:
+        warn(f"{want - len(keep)} of {want} reference instructions have no candidate output; scoring the {len(keep)} that do")
+    return [Pair(k, refs[k].instruction, refs[k].output, taken[k].output, refs[k].row, taken[k].where) for k in keep]
+
+
+def read_annotations(path: str, limit: int | None = None) -> tuple[str, list[Pair]]:
+    """AlpacaEval annotations.json -> (generator_2, pairs). output_1 is the reference, output_2 the
+    model; preference in [1, 2], 0 (a legacy tie) becomes 1.5, null / NaN stays None (no answer)."""
+    from rlhf_cli.agreement import load_records
+
+    lines = load_records(path)[:limit]
+    hint = 'AlpacaEval annotations rows: {"instruction", "output_1", "output_2", "generator_2", "preference"}'
+    pairs, gens = [], {}
+    for k, line in enumerate(lines):
+        d = line.data
+        p = d.get("preference")
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))):
+            raise RlhfError(f"{line.where}: preference must be a number in [1, 2] or null, got {p!r}", hint)
+        if p is not None and math.isnan(p):
+            p = None
+        if p == 0:
+            p = 1.5
+        if p is not None and not 1 <= p <= 2:
+            raise RlhfError(f"{line.where}: preference {p} is outside [1, 2]", "1 = output_1 (the reference) better, 2 = output_2 better, 1.5 = tie")
+        gen = d.get("generator_2")
+        if isinstance(gen, str):
+            gens.setdefault(gen, line.where)
+            if len(gens) > 1:
+                first, where = next(iter(gens.items()))
+                raise RlhfError(f"{line.where}: generator_2 {gen!r} differs from {first!r} ({where})", "one model per annotations file")
+        pairs.append(Pair(k, _text(line, "instruction", "instruction", hint), _text(line, "output_1", "output_1", hint),
+                          _text(line, "output_2", "output_2", hint), d, line.where, None if p is None else float(p)))
+    label = next(iter(gens)) if gens else ("<stdin>" if path == "-" else Path(path).name)
+    return label, pairs
+
+
+def read_difficulty(path: str) -> dict[int, float]:
+    """AlpacaEval's instruction_difficulty.csv (header `index,instruction_difficulty`): row index -> difficulty."""
+    import csv
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise RlhfError(f"{path}: cannot read ({e.strerror})", "give AlpacaEval's instruction_difficulty.csv") from None
+    rows = list(csv.reader(text.splitlines()))
+    if not rows or "instruction_difficulty" not in rows[0]:
+        raise RlhfError(f"{path}:1: expected a header with an 'instruction_difficulty' column", "AlpacaEval's file: index,instruction_difficulty")
+    col = rows[0].index("instruction_difficulty")
+    out = {}
+    for n, r in enumerate(rows[1:], start=2):
+        try:
+            out[int(r[0])] = float(r[col])
+        except (ValueError, IndexError):
+            raise RlhfError(f"{path}:{n}: expected INDEX,DIFFICULTY numbers, got {','.join(r)!r}") from None
+    return out
+
+
+def lookup_difficulty(table: dict[int, float], pairs: list[Pair], path: str | None) -> list[float]:
+    missing = [p for p in pairs if p.index not in table]
+    if missing:
+        raise RlhfError(f"{path}: no difficulty for index {missing[0].index} ({missing[0].where})",
+                        "the index is the row's position in the reference (or annotations) file, from 0")
+    return [table[p.index] for p in pairs]
+
+
+# ---------------------------------------------------------------------------------- generating and judging
+
+
+def generate_outputs(spec_str: str, instructions: list[str], cfg: WinrateConfig) -> list[str]:
+    """One output per instruction from MODEL: chat template, batched, seeded per batch (as `rlhf sample`)."""
+    from rlhf_cli import runtime
+    from rlhf_cli.generation import SamplingParams, batch_seed, generate, render_prompt
+    from rlhf_cli.metrics import progress_bar
+    from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
+
+    spec = parse_model_spec(spec_str)
+    tok = load_tokenizer(spec, cfg.trust_remote_code)
+    device = runtime.pick_device(cfg.device)
+    model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
+    params = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    prompts = [render_prompt(tok, ins, None, "chat") for ins in instructions]
+    texts: list[str] = []
+    with progress_bar(True) as bar:
+        task = bar.add_task(f"generate {spec_str}", total=len(prompts), stats="")
+        for b in range(0, len(prompts), cfg.batch_size):
+            chunk = prompts[b : b + cfg.batch_size]
+            seed = batch_seed(cfg.seed, [str(k) for k in range(b, b + len(chunk))])
+            texts += [comps[0].text for comps in generate(model, tok, chunk, params, device, seed)]
+            bar.update(task, advance=len(chunk))
+    del model
+    return texts
+
+
+def preference_of(d: Any, weighted: bool) -> float | None:
+    """A Decision over (0 = reference, 1 = candidate) -> AlpacaEval's preference: 2 candidate better,
+    1 reference better, 1.5 tie (the two orders disagreed), None dropped. `weighted` uses the judge's
+    P(reference better) averaged over both orders (position bias cancels): 2 - P."""
+    if d.dropped:
+        return None
+    if weighted and d.p_i is not None:
+        return 2.0 - d.p_i
+    return {1: 2.0, 0: 1.0, None: 1.5}[d.winner]
+
+
+def judge_sets(judge: Any, sets: list[list[Pair]], cfg: WinrateConfig) -> tuple[list[list[dict[str, Any]]], str | None]:
+    """Judge every (reference, candidate) pair; -> per set, per pair {"preference", evidence...}, and
+    why the judge stopped early (None if it answered everything)."""
+    from rlhf_cli.judges import combine
+    from rlhf_cli.judges.base import Ask, Item, ScoreJudge
+    from rlhf_cli.metrics import progress_bar
+
+    items = [[Item(f"{s}:{p.index}", p.instruction, (p.reference, p.candidate), p.row, None, p.where) for p in pairs] for s, pairs in enumerate(sets)]
+    out: list[list[dict[str, Any]]] = [[{"preference": None} for _ in pairs] for pairs in sets]
+    if isinstance(judge, ScoreJudge):
+        for s, its in enumerate(items):
+            for b in range(0, len(its), 256):
+                part = its[b : b + 256]
+                for k, (it, (s0, s1)) in enumerate(zip(part, judge.score(part), strict=True), start=b):
+                    if s0 is None or s1 is None:
+                        raise RlhfError(f"{it.where}: the judge could not score this pair (no {cfg.judge_options.reference!r} field in the reference row?)",
+                                        "rule judges read the reference answer from --answer-field FIELD of the reference file")
+                    d = combine.score_decision(0, 1, s0, s1)
+                    out[s][k] = {"preference": preference_of(d, False), "scores": [s0, s1]}
+        return out, None
+
+    both = cfg.both_orders if cfg.both_orders is not None else judge.kind != "human"
+    plans: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for s, its in enumerate(items):
+        for k, it in enumerate(its):
+            if it.completions[0] == it.completions[1]:
+                out[s][k] = {"preference": 1.5, "identical": True}  # AlpacaEval: same outputs are a tie, unasked
+            else:
+                plans[s, k] = combine.ask_orders(it.id, 0, 1, both, cfg.seed)
+    keys = {items[s][k].id: (s, k) for s, k in plans}
+
+    def asks() -> Iterator[Ask]:
+        for (s, k), orders in plans.items():
+            yield from (Ask(items[s][k], first, second) for first, second in orders)
+
+    answers: dict[tuple[int, int], dict[tuple[int, int], Any]] = {key: {} for key in plans}
+    with progress_bar(judge.kind != "human") as bar:  # the human judge owns the terminal
+        task = bar.add_task("judge", total=sum(len(o) for o in plans.values()), stats="")
+        for ask, verdict in judge.judge(asks()):
+            answers[keys[ask.item.id]].setdefault((ask.first, ask.second), verdict)
+            bar.update(task, advance=1)
+    for (s, k), orders in plans.items():
+        got = answers[s, k]
+        if len(got) < len(orders):
+            continue  # unanswered (the judge stopped early): no preference
+        d = combine.combine_orders(0, 1, [(o, got[o]) for o in orders])
+        out[s][k] = {"preference": preference_of(d, cfg.weighted), "verdicts": [v.winner for v in d.verdicts],
+                     "shown": [list(o) for o in d.shown], "p_a": [v.p_a for v in d.verdicts],
+                     "raw": [v.raw for v in d.verdicts], "cost": sum(v.cost for v in d.verdicts)}
+    stopped = judge.stopped or (None if all(len(answers[key]) == len(o) for key, o in plans.items()) else "the judge ended before answering every pair")
+    return out, stopped
+
+
+# ---------------------------------------------------------------------------------- the math
+
+
+def winrate_stats(preferences: Sequence[float | None]) -> dict[str, float]:
+    """AlpacaEval's head-to-head numbers (metrics/helpers.py `describe_head2head`, AbsoluteScoringRule).
+
+    p in [1, 2]; 0 means a tie (legacy) and becomes 1.5; None / NaN is no answer and is left out of
+    everything. y = p - 1: win_rate = 100 mean(y), standard_error = 100 sem(y) (ddof 1),
+    n_wins = #(y > 0.5), n_losses = #(y < 0.5), n_draws = #(p == 1.5) (exactly: weighted preferences
+    are rarely exactly 1.5), discrete_win_rate = 100 mean of y rounded to 0 / 0.5 / 1.
+    """
+    from rlhf_cli.evals.base import mean_stderr
+
+    ps = [1.5 if p == 0 else float(p) for p in preferences if p is not None and not math.isnan(p)]
+    y = [p - 1.0 for p in ps]
+    win, se = mean_stderr(y)
+    discrete = [0.5 if v == 0.5 else float(v > 0.5) for v in y]
+    return {"win_rate": 100 * win, "standard_error": 100 * se, "discrete_win_rate": 100 * mean_stderr(discrete)[0],
+            "n_wins": sum(v > 0.5 for v in y), "n_losses": sum(v < 0.5 for v in y), "n_draws": sum(p == 1.5 for p in ps),
+            "n_total": len(y), "n_dropped": len(preferences) - len(y)}
+
+
+def fit_logistic(X: Any, y: Any, l2: float = L2, max_iter: int = 100) -> Any:
+    """Logistic regression with soft labels y in [0, 1], no separate intercept (a column of ones is
+    a feature), ridge `l2` on the summed log-loss: argmin_b sum_i [softplus(x_i b) - y_i x_i b] + l2/2 |b|^2.
+    Newton's method with backtracking (the objective is strictly convex for l2 > 0). X (N, D), y (N,) -> b (D,)."""
+    import numpy as np
+
+    def loss(b: Any) -> float:
+        z = X @ b
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * b @ b)
+
+    b = np.zeros(X.shape[1])
+    for _ in range(max_iter):
+        q = 1.0 / (1.0 + np.exp(-(X @ b)))
+        g = X.T @ (q - y) + l2 * b
+        if np.max(np.abs(g)) < 1e-10:
+            break
+        h = (X * (q * (1 - q))[:, None]).T @ X + l2 * np.eye(len(b))
+        step, t, f0 = np.linalg.solve(h, g), 1.0, loss(b)
+        while loss(b - t * step) > f0 - 1e-4 * t * (g @ step) and t > 1e-12:
+            t /= 2
+        b = b - t * step
+    return b
+
+
+def length_controlled(preferences: Sequence[float | None], cand_len: Sequence[int], ref_len: Sequence[int],
+                      difficulty: Sequence[float] | None = None, l2: float = L2) -> dict[str, Any]:
+    """AlpacaEval 2's length-controlled win rate (Dubois et al. 2024; metrics/glm_winrate.py), for one
+    candidate against the reference.
+
+    The GLM: P(candidate better)_i = sigmoid(w_len tanh(delta_i / sd(delta)) [+ w_diff difficulty_i] + b),
+    delta_i = len(reference_i) - len(candidate_i) in characters (AlpacaEval's len_1 - len_2, sd with
+    ddof 1 over all rows), fitted to y = preference - 1 (soft labels, rows without a preference
+    left out). LC = 100 mean_i sigmoid(w_diff difficulty_i + b): the same model with the length term
+    set to 0, averaged over all rows. Its standard error is the delta method over a sandwich
+    (heteroscedasticity-robust) covariance of the weights, which suits soft labels.
+
+    Terms kept from AlpacaEval's `length_controlled_v1` formula
+    `np.tanh(std_delta_len) + instruction_difficulty + not_gamed_baseline - 1`: the length term; the
+    model term (not_gamed_baseline is 1 on every row of a single model, so it is this intercept b);
+    instruction difficulty only when given (it is fitted jointly across many models, which one
+    model's rows cannot identify). Dropped: the regularisation towards the "gamed" verbose / concise
+    baselines (their annotations are not public outside the HF hub), and the L1 penalty with a
+    cross-validated C (here: a small fixed ridge `l2`, which only matters for separable data).
+    """
+    import numpy as np
+
+    y = np.array([np.nan if p is None else (1.5 if p == 0 else p) - 1.0 for p in preferences], dtype=float)
+    n = len(y)
+    delta = np.asarray(ref_len, dtype=float) - np.asarray(cand_len, dtype=float)
+    sd = float(delta.std(ddof=1)) if n > 1 else 0.0
+    x_len = np.tanh(delta / sd) if sd > 0 else np.zeros(n)
+    cols = [x_len, *([np.asarray(difficulty, dtype=float)] if difficulty is not None else []), np.ones(n)]
+    X = np.stack(cols, 1)  # (N, D)
+    X0 = X.copy()
+    X0[:, 0] = 0.0  # the counterfactual: no length difference
+    ok = ~np.isnan(y)
+    names = ["length", *(["difficulty"] if difficulty is not None else []), "bias"]
+    if not ok.any():
+        return {"lc_win_rate": math.nan, "lc_standard_error": math.nan, "weights": None, "predicted": [None] * n}
+    Xf, yf = X[ok], y[ok]
+    b = fit_logistic(Xf, yf, l2)
+    p0 = 1.0 / (1.0 + np.exp(-(X0 @ b)))  # (N,)
+    # sandwich covariance H^-1 S H^-1, then the delta method through mean_i sigmoid(x0_i b)
+    q = 1.0 / (1.0 + np.exp(-(Xf @ b)))
+    h = (Xf * (q * (1 - q))[:, None]).T @ Xf + l2 * np.eye(len(b))
+    r = (q - yf)[:, None] * Xf
+    h_inv = np.linalg.inv(h)
+    cov = h_inv @ (r.T @ r) @ h_inv
+    grad = (p0 * (1 - p0)) @ X0 / n  # d LC / d b, (D,)
+    se = float(np.sqrt(max(grad @ cov @ grad, 0.0))) if ok.sum() > 1 else math.nan
+    return {"lc_win_rate": 100 * float(p0.mean()), "lc_standard_error": 100 * se,
+            "weights": dict(zip(names, (float(v) for v in b), strict=True)), "predicted": [float(v) for v in p0]}
