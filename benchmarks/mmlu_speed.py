@@ -1,6 +1,6 @@
 """MMLU: `rlhf eval mc` vs lm-evaluation-harness on the same model, subjects, shots and batch size.
 
-    .venv/bin/python benchmarks/mmlu_speed.py                                   # 3 subjects x 100 questions, 5-shot (~20 min)
+    .venv/bin/python benchmarks/mmlu_speed.py                                   # 3 subjects x 100 questions, 5-shot (~5 min)
     .venv/bin/python benchmarks/mmlu_speed.py --subjects anatomy --limit 8      # smoke
     .venv/bin/python benchmarks/mmlu_speed.py --scoring cloze --limit 25 --out benchmarks/results/mmlu_speed_cloze.json
 

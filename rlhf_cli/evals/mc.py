@@ -236,7 +236,8 @@ def select(questions: list[Question], subjects: tuple[str, ...], limit: int | No
     known = dict.fromkeys(q.subject for q in questions)
     missing = [s for s in subjects if s not in known]
     if missing:
-        raise RlhfError(f"{data}: no questions for subject(s) {', '.join(missing)}", f"subjects here: {', '.join(list(known)[:12])}...")
+        more = ", ..." if len(known) > 12 else ""
+        raise RlhfError(f"{data}: no questions for subject(s) {', '.join(missing)}", f"subjects here: {', '.join(list(known)[:12])}{more}")
     seen: dict[str, int] = {}
     out = []
     for q in questions:
