@@ -41,6 +41,10 @@ def _open_text(path: str) -> IO[bytes]:
     if p.is_dir():
         raise RlhfError(f"{path}: is a directory, expected a JSONL file", "pass a .jsonl file or '-' for stdin")
     try:
+        if p.suffix == ".gz":  # HumanEval, HH-RLHF and friends ship as .jsonl.gz
+            import gzip
+
+            return gzip.open(p, "rb")  # type: ignore[return-value]
         return p.open("rb")
     except FileNotFoundError:
         raise RlhfError(f"{path}: no such file", "check the path, or pass '-' to read stdin") from None
@@ -53,24 +57,32 @@ def iter_jsonl(path: str) -> Iterator[Line]:
     name = "<stdin>" if path == "-" else path
     f = _open_text(path)
     try:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError as e:
-                raise RlhfError(
-                    f"{name}:{lineno}: malformed JSON ({e.msg})", "each line must be one JSON object"
-                ) from None
-            if not isinstance(obj, dict):
-                raise RlhfError(
-                    f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}",
-                    "each line must be one JSON object like {\"prompt\": ...}",
-                )
-            yield Line(obj, name, lineno)
+        yield from _lines(f, name)
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz fails mid-read
+        if not name.endswith(".gz"):
+            raise
+        raise RlhfError(f"{name}: not a readable gzip file ({e})", "pass .jsonl or a valid .jsonl.gz") from None
     finally:
         if f is not sys.stdin.buffer:
             f.close()
+
+
+def _lines(f: IO[bytes], name: str) -> Iterator[Line]:
+    for lineno, raw in enumerate(f, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise RlhfError(
+                f"{name}:{lineno}: malformed JSON ({e.msg})", "each line must be one JSON object"
+            ) from None
+        if not isinstance(obj, dict):
+            raise RlhfError(
+                f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}",
+                "each line must be one JSON object like {\"prompt\": ...}",
+            )
+        yield Line(obj, name, lineno)
 
 
 def read_jsonl(path: str) -> list[Line]:

