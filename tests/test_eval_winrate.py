@@ -21,7 +21,8 @@ import pytest
 from conftest import run_cli, write_jsonl
 
 from rlhf_cli.cli import main
-from rlhf_cli.evals.winrate import WinrateConfig, length_controlled, run, winrate_stats
+from rlhf_cli.evals.length_control import length_controlled
+from rlhf_cli.evals.winrate import WinrateConfig, run, winrate_stats
 from rlhf_cli.judges.base import Ask, Item, PairJudge, ScoreJudge, Verdict
 
 ALPACA = Path("/work/shared/data/alpaca_eval")

@@ -25,10 +25,22 @@ from rlhf_cli.errors import RlhfError
 from rlhf_cli.judges import combine
 from rlhf_cli.judges.base import Ask, Item, JudgeOptions, PairJudge, ScoreJudge, Verdict
 from rlhf_cli.judges.combine import Decision, Tally
-from rlhf_cli.options import DeviceOpt, DtypeOpt, SeedOpt, TrustOpt
+from rlhf_cli.options import (
+    JUDGE_PANEL,
+    ApiKeyEnvOpt,
+    BaseUrlOpt,
+    CacheDirOpt,
+    ConcurrencyOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MaxCostOpt,
+    PricesOpt,
+    SeedOpt,
+    TemplateOpt,
+    TrustOpt,
+)
 
 EXIT_STOPPED = 3  # the judge stopped early (--max-cost, a human's quit): rows so far kept, resumable
-JUDGE = "Judge options"
 
 
 @dataclass(frozen=True)
@@ -62,15 +74,15 @@ def command(
     seed: SeedOpt = 0,
     report: Annotated[str | None, typer.Option("--report", help="Write the run's summary as JSON to this file.")] = None,
     against: Annotated[str | None, typer.Option("--against", help="Human labels to agree with: [pandalm:|llmbar:|jsonl:]FILE.")] = None,
-    reference: Annotated[str, typer.Option("--reference", help="rule: the row field holding the reference answer.", rich_help_panel=JUDGE)] = "answer",
-    template: Annotated[str | None, typer.Option("--template", help="lm / api: pairwise prompt template file.", rich_help_panel=JUDGE)] = None,
-    base_url: Annotated[str | None, typer.Option("--base-url", help="api: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1.", rich_help_panel=JUDGE)] = None,
-    api_key_env: Annotated[str, typer.Option("--api-key-env", help="api: name of the environment variable holding the key.", rich_help_panel=JUDGE)] = "OPENAI_API_KEY",
-    concurrency: Annotated[int, typer.Option("--concurrency", help="api: requests in flight.", rich_help_panel=JUDGE)] = 4,
-    prices: Annotated[str | None, typer.Option("--prices", help="api: 'IN,OUT' dollars per million tokens, or a JSON price table.", rich_help_panel=JUDGE)] = None,
-    max_cost: Annotated[float | None, typer.Option("--max-cost", help="api: stop cleanly after this many dollars (exit 3; --resume continues).", rich_help_panel=JUDGE)] = None,
-    cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="api: verdict cache directory.", rich_help_panel=JUDGE)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="lm / rm: sequences per forward pass.", rich_help_panel=JUDGE)] = 8,
+    reference: Annotated[str, typer.Option("--reference", help="rule: the row field holding the reference answer.", rich_help_panel=JUDGE_PANEL)] = "answer",
+    template: TemplateOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
+    concurrency: ConcurrencyOpt = 4,
+    prices: PricesOpt = None,
+    max_cost: MaxCostOpt = None,
+    cache_dir: CacheDirOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="lm / rm: sequences per forward pass.", rich_help_panel=JUDGE_PANEL)] = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
     trust_remote_code: TrustOpt = False,

@@ -9,10 +9,13 @@ Reads GSM8K rows `{"question", "answer": "... #### 72"}` directly, our prompt ro
 
 Prompt (raw format, lm-evaluation-harness's `gsm8k` task): k solved examples then the question, each
 "Question: {question}\\nAnswer: {answer}" joined by a blank line, ending in "Answer:"; generation stops
-at "Question:" or a blank line pair. Chat format (`--format chat`) sends each shot as a user /
-assistant turn instead. Extraction (`--extract`): `gsm8k` (the `#### N` line, else the last number:
-lm-eval's strict and flexible match in one), `last-number`, `regex:PATTERN` (group 1 if any),
-`exact` (the whole answer, normalised). Numbers compare as numbers (1,000 == 1000.0).
+where lm-eval's does: at "Question:", "</s>" or "<|im_end|>" (and the model's EOS). Chat format
+(`--format chat`) sends each shot as a user / assistant turn instead and stops at end of turn.
+`--stop` replaces the stop strings. Extraction (`--extract`): `gsm8k` (the `#### N` line, else the
+last number), `strict` and `flexible` (lm-eval's two gsm8k filters, regex for regex: the first
+"#### N", or the last number-like run), `last-number`, `regex:PATTERN` (group 1 if any), `exact`
+(the whole answer, normalised). Numbers compare as numbers (1,000 == 1000.0; lm-eval compares
+strings after dropping "$", "," and a final ".", so "18.00" != "18" there: rare in practice).
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, M
 from rlhf_cli.options import DeviceOpt, DtypeOpt, FormatOpt, SeedOpt, TrustOpt, check_choice
 
 FIELDS = ("question", "answer", "id")
-STOP = ("Question:", "\n\n\n")  # lm-eval gsm8k stops at "Question:" (and EOS); a triple newline ends a rambling answer
+STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval gsm8k's `until`, for the raw format
+# lm-eval gsm8k's filters (tasks/gsm8k/gsm8k.yaml): strict-match takes the first "#### N", flexible-extract
+# the last number-like run; both then ignore "$", "," and a final "." when comparing.
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class ExactConfig:
     n: int = 1
     temperature: float = 0.0
     max_new_tokens: int = 256
+    stop: tuple[str, ...] | None = None
     batch_size: int = 16
     limit: int | None = None
     fields: tuple[tuple[str, str], ...] = ()
@@ -68,11 +76,12 @@ def command(
     models: ModelsOpt,
     shots: Annotated[int, typer.Option("--shots", "-k", help="Solved examples before each question (from --fewshot).")] = 0,
     fewshot: Annotated[str | None, typer.Option("--fewshot", help="File of solved examples for --shots (its first k rows).")] = None,
-    extract: Annotated[str, typer.Option("--extract", help="gsm8k | last-number | exact | regex:PATTERN.")] = "gsm8k",
+    extract: Annotated[str, typer.Option("--extract", help="gsm8k | strict | flexible | last-number | exact | regex:PATTERN.")] = "gsm8k",
     fmt: FormatOpt = "raw",
     n: Annotated[int, typer.Option("-n", "--n", help="Samples per question; > 1 takes the majority answer.")] = 1,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy (default with -n 1).")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")] = 256,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); replaces the default: lm-eval's gsm8k stops for raw, none for chat.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Questions per generate call.")] = 16,
     limit: LimitOpt = None,
     field: FieldOpt = None,
@@ -100,7 +109,7 @@ def command(
     cfg = ExactConfig(
         data=data, models=tuple(models), shots=shots, fewshot=fewshot, extract=extract,
         format=check_choice("--format", fmt, ("chat", "raw")), n=n, temperature=temperature,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit,
+        max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None, batch_size=batch_size, limit=limit,
         fields=tuple(parse_fields(field, FIELDS).items()), log_samples=log_samples, plot=plot, seed=seed, device=device,
         dtype=check_choice("--dtype", dtype, ("fp32", "bf16", "fp16")), trust_remote_code=trust_remote_code,
     )
@@ -118,6 +127,10 @@ def extractor(spec: str):
         return lambda t: _num(gsm8k_number(t))
     if spec == "last-number":
         return lambda t: _num(last_number(t))
+    if spec == "strict":
+        return lambda t: _lm_eval_number(_STRICT.search(t))
+    if spec == "flexible":
+        return lambda t: _lm_eval_number(list(_FLEXIBLE.finditer(t))[-1] if _FLEXIBLE.search(t) else None)
     if spec == "exact":
         return lambda t: t.strip()
     if spec.startswith("regex:"):
@@ -134,11 +147,20 @@ def extractor(spec: str):
             return (last[0] if isinstance(last, tuple) else last).strip()
 
         return by_regex
-    raise RlhfError(f"--extract {spec!r}: unknown", "use gsm8k, last-number, exact or regex:PATTERN")
+    raise RlhfError(f"--extract {spec!r}: unknown", "use gsm8k, strict, flexible, last-number, exact or regex:PATTERN")
 
 
 def _num(d: Decimal | None) -> str | None:
     return None if d is None else format(d.normalize(), "f")
+
+
+def _lm_eval_number(m: re.Match | None) -> str | None:
+    """The matched group as lm-eval's gsm8k metric sees it: "$", "," and one final "." dropped."""
+    if m is None:
+        return None
+    got = next(g for g in m.groups() if g)
+    got = got.replace("$", "").replace(",", "")
+    return got[:-1] if got.endswith(".") else got
 
 
 def is_correct(extracted: str | None, target: str) -> bool:
@@ -249,7 +271,7 @@ def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts
     tok = load_tokenizer(spec, cfg.trust_remote_code)
     device = runtime.pick_device(cfg.device)
     model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
-    stop = STOP if cfg.format == "raw" else ()
+    stop = cfg.stop if cfg.stop is not None else (STOP if cfg.format == "raw" else ())
     params = SamplingParams(cfg.n, cfg.temperature, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop)
     ids = [render_prompt(tok, p, None, "raw") if isinstance(p, str) else render_prompt(tok, None, p, "chat") for p in prompts]
 

@@ -1,6 +1,6 @@
 """`rlhf eval winrate`: candidate outputs against reference outputs, judged in both orders (AlpacaEval).
 
-Inputs, matched by instruction text:
+Inputs, matched by instruction text (read by rlhf_cli/evals/alpaca_data.py):
   * candidates: AlpacaEval `model_outputs.json` (a JSON array of {"instruction", "output", "generator",
     "dataset"}), JSONL with the same fields, `rlhf sample` rows ({"prompt", "completions": [first, ...]}),
     or any JSONL with `--field instruction=COL --field output=COL`; or `-m MODEL` generates them from the
@@ -18,7 +18,7 @@ p in [1, 2] (1 = the reference is better, 2 = the candidate, 1.5 = a tie; a lega
 null = no answer, left out), win_rate = 100 * mean(p - 1) with standard error 100 * sem(p - 1) (ddof 1),
 n_wins = #(p > 1.5), n_losses = #(p < 1.5), n_draws = #(p == 1.5), discrete_win_rate = the same
 mean after rounding p to 1 / 1.5 / 2. lc_win_rate: the length-controlled win rate of AlpacaEval 2
-(`length_controlled`, below).
+(rlhf_cli/evals/length_control.py).
 
 Fidelity: on the 59 AlpacaEval 2 annotation files that the tatsu-lab/alpaca_eval repository holds
 (weighted_alpaca_eval_gpt4_turbo), win_rate, its standard error and the counts equal the published
@@ -35,22 +35,42 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any
 
 import typer
 
 from rlhf_cli.console import warn
-from rlhf_cli.data.jsonl import Line
 from rlhf_cli.errors import RlhfError
+from rlhf_cli.evals.alpaca_data import (
+    Output,
+    Pair,
+    label_of,
+    lookup_difficulty,
+    match,
+    read_annotations,
+    read_difficulty,
+    read_outputs,
+)
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, parse_fields, report
+from rlhf_cli.evals.length_control import length_controlled
 from rlhf_cli.judges.base import JudgeOptions
-from rlhf_cli.options import DeviceOpt, DtypeOpt, SeedOpt, TrustOpt
+from rlhf_cli.options import (
+    JUDGE_PANEL,
+    ApiKeyEnvOpt,
+    BaseUrlOpt,
+    CacheDirOpt,
+    ConcurrencyOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MaxCostOpt,
+    PricesOpt,
+    SeedOpt,
+    TemplateOpt,
+    TrustOpt,
+)
 
 FIELDS = ("instruction", "output", "generator")
 EXIT_STOPPED = 3  # the judge stopped early (--max-cost, a human's quit): the summary covers what was judged
-L2 = 1e-3  # the GLM's ridge penalty (on the summed log-loss): only matters when the data are separable
-JUDGE = "Judge options"
 GEN = "Generation (-m)"
 
 
@@ -94,14 +114,14 @@ def command(
     seed: SeedOpt = 0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="-m: longest output, in tokens.", rich_help_panel=GEN)] = 512,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="-m: 0 = greedy.", rich_help_panel=GEN)] = 0.0,
-    answer_field: Annotated[str, typer.Option("--answer-field", help="rule: the reference-row field holding the reference answer.", rich_help_panel=JUDGE)] = "answer",
-    template: Annotated[str | None, typer.Option("--template", help="lm / api: pairwise prompt template file.", rich_help_panel=JUDGE)] = None,
-    base_url: Annotated[str | None, typer.Option("--base-url", help="api: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1.", rich_help_panel=JUDGE)] = None,
-    api_key_env: Annotated[str, typer.Option("--api-key-env", help="api: name of the environment variable holding the key.", rich_help_panel=JUDGE)] = "OPENAI_API_KEY",
-    concurrency: Annotated[int, typer.Option("--concurrency", help="api: requests in flight.", rich_help_panel=JUDGE)] = 4,
-    prices: Annotated[str | None, typer.Option("--prices", help="api: 'IN,OUT' dollars per million tokens, or a JSON price table.", rich_help_panel=JUDGE)] = None,
-    max_cost: Annotated[float | None, typer.Option("--max-cost", help="api: stop after this many dollars (exit 3; cached verdicts make a rerun cheap).", rich_help_panel=JUDGE)] = None,
-    cache_dir: Annotated[str | None, typer.Option("--cache-dir", help="api: verdict cache directory.", rich_help_panel=JUDGE)] = None,
+    answer_field: Annotated[str, typer.Option("--answer-field", help="rule: the reference-row field holding the reference answer.", rich_help_panel=JUDGE_PANEL)] = "answer",
+    template: TemplateOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
+    concurrency: ConcurrencyOpt = 4,
+    prices: PricesOpt = None,
+    max_cost: MaxCostOpt = None,
+    cache_dir: CacheDirOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="lm / rm judge and -m generation: sequences per forward pass.")] = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
@@ -142,28 +162,6 @@ def command(
 
 
 # ---------------------------------------------------------------------------------- the run
-
-
-class Output(NamedTuple):
-    """One row of an outputs file: what was asked, what was answered, by whom, and where it was read."""
-
-    instruction: str
-    output: str
-    generator: str | None
-    row: dict[str, Any]
-    where: str
-
-
-class Pair(NamedTuple):
-    """One judged comparison: reference row `index` (its position in the reference file)."""
-
-    index: int
-    instruction: str
-    reference: str
-    candidate: str
-    row: dict[str, Any]  # the reference row (a rule judge reads its answer field)
-    where: str  # the candidate's file:line
-    preference: float | None = None  # given (annotations), else the judge's
 
 
 def _validate(cfg: WinrateConfig) -> None:
@@ -265,132 +263,6 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-# ---------------------------------------------------------------------------------- reading
-
-
-def _text(line: Line, key: str, column: str, hint: str | None = None) -> str:
-    v = line.data.get(column)
-    if column == "completions" and isinstance(v, list) and v and isinstance(v[0], str):
-        return v[0]  # an `rlhf sample` row: its first completion
-    if not isinstance(v, str):
-        got = "missing" if v is None else type(v).__name__
-        raise RlhfError(f"{line.where}: {key} field {column!r} is {got}, expected a string",
-                        hint or f"the row has: {', '.join(sorted(line.data))}; name the column with --field {key}=COLUMN")
-    return v
-
-
-def read_outputs(path: str, fields: dict[str, str]) -> list[Output]:
-    """An outputs file (AlpacaEval JSON array, or JSONL) as Output rows; errors name file:line.
-
-    Columns: --field NAME=COLUMN, else instruction <- "instruction" | "prompt", output <- "output" |
-    "completion" | "completions"[0] (an `rlhf sample` row), generator <- "generator" (optional).
-    """
-    from rlhf_cli.agreement import load_records
-
-    out = []
-    for line in load_records(path):
-        d = line.data
-        ins = fields.get("instruction") or ("prompt" if "prompt" in d and "instruction" not in d else "instruction")
-        col = fields.get("output") or next((c for c in ("output", "completion", "completions") if c in d), "output")
-        gen = d.get(fields.get("generator", "generator"))
-        out.append(Output(_text(line, "instruction", ins), _text(line, "output", col), gen if isinstance(gen, str) else None, d, line.where))
-    return out
-
-
-def label_of(path: str, rows: list[Output]) -> str:
-    """A candidate set's name: its one `generator`, else the file name."""
-    gens = {r.generator for r in rows}
-    if len(gens) == 1 and None not in gens:
-        return str(gens.pop())
-    return "<stdin>" if path == "-" else Path(path).name
-
-
-def match(cands: list[Output], refs: list[Output], ref_path: str, limit: int | None = None) -> list[Pair]:
-    """Candidates onto reference rows by instruction, in reference order (the k-th repeat of an
-    instruction meets its k-th repeat in the reference). A candidate the reference lacks is an
-    error; reference rows (of the first --limit) without a candidate are left out with a warning."""
-    slots: dict[str, list[int]] = {}
-    for k, r in enumerate(refs):
-        slots.setdefault(r.instruction, []).append(k)
-    taken: dict[int, Output] = {}
-    seen: dict[str, int] = {}
-    for c in cands:
-        n = seen[c.instruction] = seen.get(c.instruction, -1) + 1
-        ks = slots.get(c.instruction, [])
-        if n >= len(ks):
-            what = "is not in" if not ks else f"appears more often ({n + 1}x) than in"
-            raise RlhfError(f"{c.where}: instruction {what} the reference {ref_path}: {c.instruction[:60]!r}",
-                            "candidates and reference must share instructions; check --field instruction=COLUMN")
-        taken[ks[n]] = c
-    want = len(refs) if limit is None else min(limit, len(refs))
-    keep = [k for k in sorted(taken) if k < want]
-    if not keep:
-        raise RlhfError(f"{cands[0].where}: no candidate answers the first {want} reference instructions", "raise --limit")
-    if len(keep) < want:
-        warn(f"{want - len(keep)} of {want} reference instructions have no candidate output; scoring the {len(keep)} that do")
-    return [Pair(k, refs[k].instruction, refs[k].output, taken[k].output, refs[k].row, taken[k].where) for k in keep]
-
-
-def read_annotations(path: str, limit: int | None = None) -> tuple[str, list[Pair]]:
-    """AlpacaEval annotations.json -> (generator_2, pairs). output_1 is the reference, output_2 the
-    model; preference in [1, 2], 0 (a legacy tie) becomes 1.5, null / NaN stays None (no answer)."""
-    from rlhf_cli.agreement import load_records
-
-    lines = load_records(path)[:limit]
-    hint = 'AlpacaEval annotations rows: {"instruction", "output_1", "output_2", "generator_2", "preference"}'
-    pairs, gens = [], {}
-    for k, line in enumerate(lines):
-        d = line.data
-        p = d.get("preference")
-        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float))):
-            raise RlhfError(f"{line.where}: preference must be a number in [1, 2] or null, got {p!r}", hint)
-        if p is not None and math.isnan(p):
-            p = None
-        if p == 0:
-            p = 1.5
-        if p is not None and not 1 <= p <= 2:
-            raise RlhfError(f"{line.where}: preference {p} is outside [1, 2]", "1 = output_1 (the reference) better, 2 = output_2 better, 1.5 = tie")
-        gen = d.get("generator_2")
-        if isinstance(gen, str):
-            gens.setdefault(gen, line.where)
-            if len(gens) > 1:
-                first, where = next(iter(gens.items()))
-                raise RlhfError(f"{line.where}: generator_2 {gen!r} differs from {first!r} ({where})", "one model per annotations file")
-        pairs.append(Pair(k, _text(line, "instruction", "instruction", hint), _text(line, "output_1", "output_1", hint),
-                          _text(line, "output_2", "output_2", hint), d, line.where, None if p is None else float(p)))
-    label = next(iter(gens)) if gens else ("<stdin>" if path == "-" else Path(path).name)
-    return label, pairs
-
-
-def read_difficulty(path: str) -> dict[int, float]:
-    """AlpacaEval's instruction_difficulty.csv (header `index,instruction_difficulty`): row index -> difficulty."""
-    import csv
-
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise RlhfError(f"{path}: cannot read ({e.strerror})", "give AlpacaEval's instruction_difficulty.csv") from None
-    rows = list(csv.reader(text.splitlines()))
-    if not rows or "instruction_difficulty" not in rows[0]:
-        raise RlhfError(f"{path}:1: expected a header with an 'instruction_difficulty' column", "AlpacaEval's file: index,instruction_difficulty")
-    col = rows[0].index("instruction_difficulty")
-    out = {}
-    for n, r in enumerate(rows[1:], start=2):
-        try:
-            out[int(r[0])] = float(r[col])
-        except (ValueError, IndexError):
-            raise RlhfError(f"{path}:{n}: expected INDEX,DIFFICULTY numbers, got {','.join(r)!r}") from None
-    return out
-
-
-def lookup_difficulty(table: dict[int, float], pairs: list[Pair], path: str | None) -> list[float]:
-    missing = [p for p in pairs if p.index not in table]
-    if missing:
-        raise RlhfError(f"{path}: no difficulty for index {missing[0].index} ({missing[0].where})",
-                        "the index is the row's position in the reference (or annotations) file, from 0")
-    return [table[p.index] for p in pairs]
-
-
 # ---------------------------------------------------------------------------------- generating and judging
 
 
@@ -483,7 +355,7 @@ def judge_sets(judge: Any, sets: list[list[Pair]], cfg: WinrateConfig) -> tuple[
     return out, stopped
 
 
-# ---------------------------------------------------------------------------------- the math
+# ---------------------------------------------------------- the math (the LC GLM: length_control.py)
 
 
 def winrate_stats(preferences: Sequence[float | None]) -> dict[str, float]:
@@ -503,77 +375,3 @@ def winrate_stats(preferences: Sequence[float | None]) -> dict[str, float]:
     return {"win_rate": 100 * win, "standard_error": 100 * se, "discrete_win_rate": 100 * mean_stderr(discrete)[0],
             "n_wins": sum(v > 0.5 for v in y), "n_losses": sum(v < 0.5 for v in y), "n_draws": sum(p == 1.5 for p in ps),
             "n_total": len(y), "n_dropped": len(preferences) - len(y)}
-
-
-def fit_logistic(X: Any, y: Any, l2: float = L2, max_iter: int = 100) -> Any:
-    """Logistic regression with soft labels y in [0, 1], no separate intercept (a column of ones is
-    a feature), ridge `l2` on the summed log-loss: argmin_b sum_i [softplus(x_i b) - y_i x_i b] + l2/2 |b|^2.
-    Newton's method with backtracking (the objective is strictly convex for l2 > 0). X (N, D), y (N,) -> b (D,)."""
-    import numpy as np
-
-    def loss(b: Any) -> float:
-        z = X @ b
-        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * b @ b)
-
-    b = np.zeros(X.shape[1])
-    for _ in range(max_iter):
-        q = 1.0 / (1.0 + np.exp(-(X @ b)))
-        g = X.T @ (q - y) + l2 * b
-        if np.max(np.abs(g)) < 1e-10:
-            break
-        h = (X * (q * (1 - q))[:, None]).T @ X + l2 * np.eye(len(b))
-        step, t, f0 = np.linalg.solve(h, g), 1.0, loss(b)
-        while loss(b - t * step) > f0 - 1e-4 * t * (g @ step) and t > 1e-12:
-            t /= 2
-        b = b - t * step
-    return b
-
-
-def length_controlled(preferences: Sequence[float | None], cand_len: Sequence[int], ref_len: Sequence[int],
-                      difficulty: Sequence[float] | None = None, l2: float = L2) -> dict[str, Any]:
-    """AlpacaEval 2's length-controlled win rate (Dubois et al. 2024; metrics/glm_winrate.py), for one
-    candidate against the reference.
-
-    The GLM: P(candidate better)_i = sigmoid(w_len tanh(delta_i / sd(delta)) [+ w_diff difficulty_i] + b),
-    delta_i = len(reference_i) - len(candidate_i) in characters (AlpacaEval's len_1 - len_2, sd with
-    ddof 1 over all rows), fitted to y = preference - 1 (soft labels, rows without a preference
-    left out). LC = 100 mean_i sigmoid(w_diff difficulty_i + b): the same model with the length term
-    set to 0, averaged over all rows. Its standard error is the delta method over a sandwich
-    (heteroscedasticity-robust) covariance of the weights, which suits soft labels.
-
-    Terms kept from AlpacaEval's `length_controlled_v1` formula
-    `np.tanh(std_delta_len) + instruction_difficulty + not_gamed_baseline - 1`: the length term; the
-    model term (not_gamed_baseline is 1 on every row of a single model, so it is this intercept b);
-    instruction difficulty only when given (it is fitted jointly across many models, which one
-    model's rows cannot identify). Dropped: the regularisation towards the "gamed" verbose / concise
-    baselines (their annotations are not public outside the HF hub), and the L1 penalty with a
-    cross-validated C (here: a small fixed ridge `l2`, which only matters for separable data).
-    """
-    import numpy as np
-
-    y = np.array([np.nan if p is None else (1.5 if p == 0 else p) - 1.0 for p in preferences], dtype=float)
-    n = len(y)
-    delta = np.asarray(ref_len, dtype=float) - np.asarray(cand_len, dtype=float)
-    sd = float(delta.std(ddof=1)) if n > 1 else 0.0
-    x_len = np.tanh(delta / sd) if sd > 0 else np.zeros(n)
-    cols = [x_len, *([np.asarray(difficulty, dtype=float)] if difficulty is not None else []), np.ones(n)]
-    X = np.stack(cols, 1)  # (N, D)
-    X0 = X.copy()
-    X0[:, 0] = 0.0  # the counterfactual: no length difference
-    ok = ~np.isnan(y)
-    names = ["length", *(["difficulty"] if difficulty is not None else []), "bias"]
-    if not ok.any():
-        return {"lc_win_rate": math.nan, "lc_standard_error": math.nan, "weights": None, "predicted": [None] * n}
-    Xf, yf = X[ok], y[ok]
-    b = fit_logistic(Xf, yf, l2)
-    p0 = 1.0 / (1.0 + np.exp(-(X0 @ b)))  # (N,)
-    # sandwich covariance H^-1 S H^-1, then the delta method through mean_i sigmoid(x0_i b)
-    q = 1.0 / (1.0 + np.exp(-(Xf @ b)))
-    h = (Xf * (q * (1 - q))[:, None]).T @ Xf + l2 * np.eye(len(b))
-    r = (q - yf)[:, None] * Xf
-    h_inv = np.linalg.inv(h)
-    cov = h_inv @ (r.T @ r) @ h_inv
-    grad = (p0 * (1 - p0)) @ X0 / n  # d LC / d b, (D,)
-    se = float(np.sqrt(max(grad @ cov @ grad, 0.0))) if ok.sum() > 1 else math.nan
-    return {"lc_win_rate": 100 * float(p0.mean()), "lc_standard_error": 100 * se,
-            "weights": dict(zip(names, (float(v) for v in b), strict=True)), "predicted": [float(v) for v in p0]}
