@@ -206,6 +206,15 @@ def test_rm_eval_ranking_rows_expand_to_ordered_pairs(tmp_path):
     assert [(p.chosen, p.rejected) for p in pairs] == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "d"), ("c", "d")]
 
 
+def test_rm_eval_field_mapping(tmp_path, capsys):
+    # "chosen" exists in the file but is not the answer column: the mapping wins over the column name
+    data = write_jsonl(tmp_path, "m.jsonl", [{"question": "q1", "good": "a", "bad": "b", "chosen": "ignore me"}])
+    pairs = rm_eval.load_pairs(str(data), None, {"prompt": "question", "chosen": "good", "rejected": "bad"})
+    assert [(p.prompt, p.chosen, p.rejected, p.raw) for p in pairs] == [("q1", "a", "b", False)]
+    code, out, err = call(["eval", "rm", str(data), "-m", "x/", "--field", "answer=good"], capsys)
+    assert code == 2 and out == "" and "unknown name 'answer'" in err
+
+
 def test_rm_eval_matches_direct_scoring(tmp_path, capsys):
     from rlhf_cli.commands.train_rm import RmConfig
     from rlhf_cli.commands.train_rm import run as train_rm

@@ -6,6 +6,7 @@ each reward model exactly as in training (models/reward.py `score`).
 
     rlhf eval rm prefs-test.jsonl -m rm/
     rlhf eval rm hh_rlhf/helpful-base/test.jsonl.gz -m rm-a/ -m rm-b/ --log-samples rm.jsonl
+    rlhf eval rm judged.jsonl -m rm/ --field prompt=question --field chosen=good --field rejected=bad
 
 Metrics: accuracy = share of pairs with r(chosen) > r(rejected) (an exact tie counts 1/2), mean
 margin, and two length diagnostics: the Pearson correlation of reward with answer length (characters)
@@ -23,7 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.evals.base import EvalResult, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, mean_stderr
+from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, mean_stderr, parse_fields
 from rlhf_cli.options import DeviceOpt, DtypeOpt, TrustOpt, check_choice
 
 
@@ -33,11 +34,15 @@ class RmEvalConfig:
     models: tuple[str, ...]
     batch_size: int = 16
     limit: int | None = None
+    fields: tuple[tuple[str, str], ...] = ()
     log_samples: str | None = None
     plot: str | None = None
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
+
+
+FIELDS = ("prompt", "messages", "chosen", "rejected", "ranking")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ def command(
     models: ModelsOpt,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward.")] = 16,
     limit: LimitOpt = None,
+    field: FieldOpt = None,
     log_samples: LogSamplesOpt = None,
     plot: PlotOpt = None,
     device: DeviceOpt = "auto",
@@ -72,17 +78,22 @@ def command(
 
       rlhf eval rm hh_rlhf/helpful-base/test.jsonl.gz -m rm-a/ -m rm-b/ --limit 500 --log-samples rm.jsonl
     """
-    run(RmEvalConfig(data=data, models=tuple(models), batch_size=batch_size, limit=limit, log_samples=log_samples, plot=plot,
+    run(RmEvalConfig(data=data, models=tuple(models), batch_size=batch_size, limit=limit,
+                     fields=tuple(parse_fields(field, FIELDS).items()), log_samples=log_samples, plot=plot,
                      device=device, dtype=check_choice("--dtype", dtype, ("fp32", "bf16")), trust_remote_code=trust_remote_code))
 
 
-def load_pairs(path: str, limit: int | None) -> list[Pair]:
-    """Every ordered (better, worse) pair of every row; tie rows are skipped."""
-    from rlhf_cli.data.jsonl import read_jsonl
+def load_pairs(path: str, limit: int | None, fields: dict[str, str] | None = None) -> list[Pair]:
+    """Every ordered (better, worse) pair of every row; tie rows are skipped. `fields` maps the
+    train-rm names (prompt, messages, chosen, rejected, ranking) to this file's columns."""
+    from rlhf_cli.data.jsonl import Line, read_jsonl
     from rlhf_cli.data.pref_data import parse_pref_row
 
+    rename = {col: name for name, col in (fields or {}).items()}
     pairs: list[Pair] = []
     for line in read_jsonl(path):
+        if rename:
+            line = Line({rename.get(k, k): v for k, v in line.data.items() if k not in fields or k in rename}, line.path, line.lineno)
         row = parse_pref_row(line)
         prompt = list(row.messages) if row.messages is not None else row.prompt
         for gi, better in enumerate(row.groups):
@@ -125,7 +136,7 @@ def run(cfg: RmEvalConfig) -> list[EvalResult]:
 
     if not cfg.models:
         raise RlhfError("give at least one reward model with -m RM_DIR")
-    pairs = load_pairs(cfg.data, cfg.limit)
+    pairs = load_pairs(cfg.data, cfg.limit, dict(cfg.fields))
     results = [evaluate(cfg, m, pairs) for m in cfg.models]
     report(results, cfg.data, cfg.log_samples, cfg.plot)
     return results
