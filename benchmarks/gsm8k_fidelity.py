@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/gsm8k_fidelity.py                     # 250 test questions, 5-shot (~40 min on 2 cores)
     .venv/bin/python benchmarks/gsm8k_fidelity.py --limit 8           # smoke
+    .venv/bin/python benchmarks/gsm8k_fidelity.py --dataset arith --out benchmarks/results/gsm8k_fidelity_arith.json
 
 Both sides answer the first --limit questions of the shared GSM8K test file (/work/shared/data/gsm8k,
 or RLHF_BENCH_GSM8K) greedily with SmolLM2-135M (benchmarks/.models/smollm2-135m, fp32, CPU, 2 threads),
@@ -17,7 +18,9 @@ with the first --shots rows of the train file as solved examples and at most 256
 The script then matches the two sample logs question by question: how often the generated answers are
 the same text, lm-eval's strict and flexible exact match, and ours with each extraction (`strict`,
 `flexible`: lm-eval's filters; `gsm8k`: our default) applied to our own generations. The goal (issue 5):
-the same headline number within one point. lm-eval lives in its own venv (see mmlu_speed.py).
+the same headline number within one point. SmolLM2-135M solves only ~1% of GSM8K, so `--dataset arith`
+repeats the check where the model is right often: two-number sums and differences written in GSM8K's
+layout ("a + b = c\\n#### c"), generated with a fixed seed. lm-eval lives in its own venv (see mmlu_speed.py).
 Results: benchmarks/results/gsm8k_fidelity.json.
 """
 
@@ -53,11 +56,28 @@ fewshot_config:
 FILTERS = {"strict-match": "strict", "flexible-extract": "flexible"}
 
 
-def write_lm_eval_task(tmp: Path) -> str:
+def write_arith(tmp: Path, n: int, seed: int = 0) -> Path:
+    """train.jsonl / test.jsonl of two-number sums and differences in GSM8K's layout."""
+    import random
+
+    rng = random.Random(seed)
+    out = tmp / "arith"
+    out.mkdir()
+    for split, rows in (("train", 20), ("test", n)):
+        lines = []
+        for _ in range(rows):
+            a, b, op = rng.randint(10, 99), rng.randint(10, 99), rng.choice("+-")
+            c = a + b if op == "+" else a - b
+            lines.append(json.dumps({"question": f"What is {a} {op} {b}?", "answer": f"{a} {op} {b} = {c}\n#### {c}"}))
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def write_lm_eval_task(tmp: Path, data: Path) -> str:
     where = subprocess.run([str(LMEVAL_PY), "-c", "import lm_eval, os; print(os.path.dirname(lm_eval.__file__))"],
                            capture_output=True, text=True, check=True).stdout.strip()
     template = Path(where) / "tasks" / "gsm8k" / "gsm8k.yaml"
-    (tmp / "rlhf_gsm8k.yaml").write_text(TASK_YAML.format(template=template, train=GSM8K / "train.jsonl", test=GSM8K / "test.jsonl"))
+    (tmp / "rlhf_gsm8k.yaml").write_text(TASK_YAML.format(template=template, train=data / "train.jsonl", test=data / "test.jsonl"))
     return "rlhf_gsm8k"
 
 
@@ -107,12 +127,13 @@ def compare(ours: dict, theirs: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", choices=("gsm8k", "arith"), default="gsm8k")
     ap.add_argument("--limit", type=int, default=250, help="test questions (the first N)")
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8, help="both sides")
     ap.add_argument("--out", type=Path, default=RESULTS / "gsm8k_fidelity.json")
     args = ap.parse_args()
-    if not (GSM8K / "test.jsonl").is_file():
+    if args.dataset == "gsm8k" and not (GSM8K / "test.jsonl").is_file():
         sys.exit(f"benchmark data missing: {GSM8K}/test.jsonl (set RLHF_BENCH_GSM8K to the folder holding test.jsonl and train.jsonl)")
     if not LMEVAL_PY.exists():
         sys.exit(f"lm-eval interpreter missing: {LMEVAL_PY}\n  see mmlu_speed.py's docstring, or set RLHF_LMEVAL_PY")
@@ -129,9 +150,10 @@ def main() -> None:
                      "runs": []}
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-gsm8k-") as tmp_s:
         tmp = Path(tmp_s)
-        task = write_lm_eval_task(tmp)
+        data = GSM8K if args.dataset == "gsm8k" else write_arith(tmp, args.limit)
+        task = write_lm_eval_task(tmp, data)
         sides = {
-            "ours": [str(OURS_PY), "-m", "rlhf_cli", "eval", "exact", str(GSM8K / "test.jsonl"), "--fewshot", str(GSM8K / "train.jsonl"),
+            "ours": [str(OURS_PY), "-m", "rlhf_cli", "eval", "exact", str(data / "test.jsonl"), "--fewshot", str(data / "train.jsonl"),
                      "--shots", str(args.shots), "--limit", str(args.limit), "-m", str(model_dir), "--batch-size", str(args.batch_size),
                      "--max-new-tokens", "256", "--device", "cpu", "--log-samples", str(tmp / "ours.jsonl")],
             "lm-eval": [str(LMEVAL_PY), "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
@@ -141,7 +163,7 @@ def main() -> None:
         }
         for side, cmd in sides.items():
             t0, cpu0 = time.perf_counter(), children_cpu_seconds()
-            load = run_worker(cmd, RESULTS / f"gsm8k_{side}.log")
+            load = run_worker(cmd, RESULTS / f"{args.dataset}_{side}.log")
             results["runs"].append({"side": side, "wall_seconds": time.perf_counter() - t0,
                                     "cpu_seconds": children_cpu_seconds() - cpu0, "loadavg_1min_before": load,
                                     "loadavg_1min_after": os.getloadavg()[0]})
@@ -151,7 +173,7 @@ def main() -> None:
 
     v = results["env"]["versions"]
     print(f"torch {v['torch']}, transformers {v['transformers']}, lm-eval {lmeval_versions['lm_eval']}; "
-          f"SmolLM2-135M fp32 greedy, {fidelity['n']} GSM8K test questions, {args.shots}-shot (first rows of train)\n")
+          f"SmolLM2-135M fp32 greedy, {fidelity['n']} {args.dataset} test questions, {args.shots}-shot (first rows of train)\n")
     for name, acc in fidelity["exact_match"].items():
         print(f"  {name:32s} {100 * acc:6.2f}%")
     print(f"\ndifference (ours - lm-eval): strict {fidelity['diff_points']['strict']:+.2f} points, "
