@@ -31,8 +31,8 @@ Differences that stay (each side's own design, not knobs): the two sides sample 
 their responses differ in length: the mean response length and the EOS share are reported per side
 (TRL's generate, like our decoder, keeps decoding until every row of the batch has stopped, so the
 decode steps per step are reported too). TRL does not clip gradients in its PPO loop; ours clips to
-max_grad_norm 1.0 (a little more work on our side). TRL takes the rollout's old log-probs from the
-sampler's scores; ours recomputes them with a teacher-forced forward (one more forward on our side).
+max_grad_norm 1.0 (a little more work on our side). Both take the rollout's old log-probs from the
+sampler (TRL from its scores, ours from the decoder's own log-softmax).
 
 Raw numbers: benchmarks/results/ppo_step.json; worker logs: benchmarks/results/ppo_<side>.log.
 """
