@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import HERE, OURS_PY, RESULTS, cpu_info, run_worker, versions, write_json  # noqa: E402
-from mmlu_speed import LMEVAL_PY, children_cpu_seconds  # noqa: E402
+from _common import OURS_PY, RESULTS, run_worker, write_json  # noqa: E402
+from mmlu_speed import LMEVAL_PY, children_cpu_seconds, results_header  # noqa: E402
 from prepare_model import DEFAULT_OUT as MODEL_DIR  # noqa: E402
 from prepare_model import prepare  # noqa: E402
 
@@ -138,16 +138,8 @@ def main() -> None:
     if not LMEVAL_PY.exists():
         sys.exit(f"lm-eval interpreter missing: {LMEVAL_PY}\n  see mmlu_speed.py's docstring, or set RLHF_LMEVAL_PY")
     model_dir = prepare(MODEL_DIR)
-    lmeval_versions = json.loads(subprocess.run(
-        [str(LMEVAL_PY), "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); from _common import versions; "
-         "print(json.dumps(versions('lm_eval', 'torch', 'transformers')))", str(HERE)],
-        capture_output=True, text=True, check=True).stdout)
-    results: dict = {"benchmark": "gsm8k_fidelity", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                     "model": str(model_dir.relative_to(HERE.parent)),
-                     "env": {"cpu": cpu_info(), "versions": versions("torch", "transformers", "tokenizers", "rlhf-cli"),
-                             "lm_eval_versions": lmeval_versions},
-                     "runs": []}
+    results = results_header("gsm8k_fidelity", args, model_dir)
+    lmeval_versions = results["env"]["lm_eval_versions"]
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-gsm8k-") as tmp_s:
         tmp = Path(tmp_s)
         data = GSM8K if args.dataset == "gsm8k" else write_arith(tmp, args.limit)

@@ -81,6 +81,20 @@ def write_lm_eval_tasks(tmp: Path, subjects: list[str], scoring: str) -> list[st
     return tasks
 
 
+def results_header(name: str, args: argparse.Namespace, model_dir: Path) -> dict:
+    """The start of a results file: settings, model, CPU, our versions and the lm-eval venv's."""
+    lmeval_versions = json.loads(subprocess.run(
+        [str(LMEVAL_PY), "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); from _common import versions; "
+         "print(json.dumps(versions('lm_eval', 'torch', 'transformers')))", str(HERE)],
+        capture_output=True, text=True, check=True).stdout)
+    return {"benchmark": name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "model": str(model_dir.relative_to(HERE.parent)),
+            "env": {"cpu": cpu_info(), "versions": versions("torch", "transformers", "tokenizers", "rlhf-cli"),
+                    "lm_eval_versions": lmeval_versions},
+            "runs": []}
+
+
 def wait_quiet(below: float, patience: float) -> None:
     """Wait (up to `patience` s) until the 1-minute load average is under `below`: the previous side's
     own load decays slowly, and other work on a shared machine would slow the next side down."""
@@ -149,16 +163,8 @@ def main() -> None:
         sys.exit(f"lm-eval interpreter missing: {LMEVAL_PY}\n  see this script's docstring, or set RLHF_LMEVAL_PY")
     subjects = args.subjects.split(",")
     model_dir = prepare(MODEL_DIR)
-    lmeval_versions = json.loads(subprocess.run(
-        [str(LMEVAL_PY), "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); from _common import versions; "
-         "print(json.dumps(versions('lm_eval', 'torch', 'transformers')))", str(HERE)],
-        capture_output=True, text=True, check=True).stdout)
-    results: dict = {"benchmark": "mmlu_speed", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                     "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                     "model": str(model_dir.relative_to(HERE.parent)),
-                     "env": {"cpu": cpu_info(), "versions": versions("torch", "transformers", "tokenizers", "rlhf-cli"),
-                             "lm_eval_versions": lmeval_versions},
-                     "runs": []}
+    results = results_header("mmlu_speed", args, model_dir)
+    lmeval_versions = results["env"]["lm_eval_versions"]
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-mmlu-") as tmp_s:
         tmp = Path(tmp_s)
         tasks = write_lm_eval_tasks(tmp, subjects, args.scoring)

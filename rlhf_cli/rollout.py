@@ -1,7 +1,8 @@
-"""PPO's networks and experience: the models, the rollout batch and the policy + value forward.
+"""PPO's networks and experience: the models, the rollout batch, its scores and the policy + value forward.
 
     tok, pv, ref, *_ = setup_models(ppo_config, device, ref_dtype)   # policy (+LoRA), value (from the RM), reference
     batch = collect(pv, ref, tok, prompt_ids, sampling, seed, device, chunk=8, pad=pad)   # no grad
+    raw = score_responses(judge, rows, batch.completions, device, offload, reference)   # (N,) RM or rule
     logp, entropy, values = pv(batch.ids, batch.mask, batch.prompt_width, batch.response, batch.response_mask)
 
 Layout of every tensor (N rollouts, P prompt columns, G response columns): prompts left-padded and
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from rlhf_cli.errors import RlhfError
 from rlhf_cli.generation import Completion, SamplingParams, generate, left_pad, pad_responses, response_logprobs
 from rlhf_cli.models.reward import token_values
 
@@ -207,3 +209,24 @@ def _same_vocab(tok: Any, reward: str, trust_remote_code: bool) -> bool:
     from rlhf_cli.models.loading import load_tokenizer, parse_model_spec
 
     return load_tokenizer(parse_model_spec(reward), trust_remote_code).get_vocab() == tok.get_vocab()
+
+
+def score_responses(scorer: Any, rows: list[Any], comps: list[Completion], device: str, offload: bool, reference: str) -> torch.Tensor:
+    """(n,) raw scores of each response by the reward model or rule (the judge interface of `pairwise`);
+    with `offload` the reward model visits `device` only for this call."""
+    from rlhf_cli.data.records import render_messages
+    from rlhf_cli.judges.base import Item
+
+    items = [Item(r.id, r.prompt if r.messages is None else render_messages(r.messages), (c.text,), r.extra, r.messages, r.where)
+             for r, c in zip(rows, comps, strict=True)]
+    mover = getattr(scorer, "move", None)
+    if offload and mover is not None:
+        mover(device)
+    scores = [s[0] for s in scorer.score(items)]
+    if offload and mover is not None:
+        mover("cpu")
+    for r, s in zip(rows, scores, strict=True):
+        if s is None:
+            raise RlhfError(f"{r.where}: the judge cannot score this prompt (no '{reference}' field?)",
+                            "give every prompt row a reference, or use --reward")
+    return torch.tensor(scores, dtype=torch.float32, device=device)

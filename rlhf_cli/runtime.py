@@ -86,3 +86,11 @@ def all_reduce_sum(value: float, device: str) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def release_cache(device: str) -> None:
+    """Hand cached CUDA blocks back between phases (generation's KV cache, training's activations)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()

@@ -202,7 +202,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
     from rlhf_cli.data.sft_data import SftStream
     from rlhf_cli.generation import SamplingParams, batch_seed, render_prompt
     from rlhf_cli.metrics import MetricsLog, progress_bar
-    from rlhf_cli.rollout import collect, reward_stats, setup_models
+    from rlhf_cli.rollout import collect, reward_stats, score_responses, setup_models
     from rlhf_cli.train_state import save_state, start_or_resume
 
     # 1. runtime, tokenizer, the prompt plan (seeded: every rank and a resumed run rebuild it exactly)
@@ -255,11 +255,11 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
             with autocast:
                 ro = collect(pv, ref, tok, [prompt_ids[i] for i in idx], sampling, seed, device,
                              cfg.minibatch_size // dist.world, pad, cfg.offload)
-            release(device)  # the KV cache of generation is garbage now
+            runtime.release_cache(device)  # the KV cache of generation is garbage now
             t1 = time.perf_counter()
 
             # 2. score each whole response (reward model or rule), normalised, no-EOS penalty
-            raw = score_responses(scorer, batch_rows, ro.completions, cfg, device)  # (n,)
+            raw = score_responses(scorer, batch_rows, ro.completions, device, cfg.offload, cfg.reference)  # (n,)
             if not bool(torch.isfinite(raw).all()):
                 raise diverged(cfg, step, "a reward is not finite")
             t2 = time.perf_counter()
@@ -271,7 +271,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
             pv.train()
             with autocast:
                 stats.update(update(ddp, pv, optimizer, params, ro, adv, returns, ptx_batches, cfg, step, dist))
-            release(device)
+            runtime.release_cache(device)
             t3 = time.perf_counter()
 
             # 5. log; adapt the KL coefficient to the batch's KL
@@ -365,36 +365,6 @@ def update(ddp: Any, pv: Any, optimizer: Any, params: list[Any], ro: Any, adv: A
             count += 1
     optimizer.zero_grad(set_to_none=True)
     return {k: v / count for k, v in sums.items()}
-
-
-def score_responses(scorer: Any, rows: list[Any], comps: list[Any], cfg: PpoConfig, device: str) -> Any:
-    """(n,) raw scores of each response by the reward model or rule (the judge interface of `pairwise`)."""
-    import torch
-
-    from rlhf_cli.data.records import render_messages
-    from rlhf_cli.judges.base import Item
-
-    items = [Item(r.id, r.prompt if r.messages is None else render_messages(r.messages), (c.text,), r.extra, r.messages, r.where)
-             for r, c in zip(rows, comps, strict=True)]
-    mover = getattr(scorer, "move", None)
-    if cfg.offload and mover is not None:
-        mover(device)
-    scores = [s[0] for s in scorer.score(items)]
-    if cfg.offload and mover is not None:
-        mover("cpu")
-    for r, s in zip(rows, scores, strict=True):
-        if s is None:
-            raise RlhfError(f"{r.where}: the judge cannot score this prompt (no '{cfg.reference}' field?)",
-                            "give every prompt row a reference, or use --reward")
-    return torch.tensor(scores, dtype=torch.float32, device=device)
-
-
-def release(device: str) -> None:
-    """Hand cached CUDA blocks back between phases (generation's KV cache, training's activations)."""
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 def reduce_stats(stats: dict[str, float], device: str, n: int) -> dict[str, float]:
