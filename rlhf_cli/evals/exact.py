@@ -12,8 +12,8 @@ Prompt (raw format, lm-evaluation-harness's `gsm8k` task): k solved examples the
 where lm-eval's does: at "Question:", "</s>" or "<|im_end|>" (and the model's EOS). Chat format
 (`--format chat`) sends each shot as a user / assistant turn instead and stops at end of turn.
 `--stop` replaces the stop strings. Extraction (`--extract`): `gsm8k` (the `#### N` line, else the
-last number), `strict` and `flexible` (lm-eval's two gsm8k filters, regex for regex: the first
-"#### N", or the last number-like run), `last-number`, `regex:PATTERN` (group 1 if any), `exact`
+last number), `strict` and `flexible` (lm-eval's two gsm8k filters with its own regular expressions: the
+first "#### N", or the last number-like run), `last-number`, `regex:PATTERN` (group 1 if any), `exact`
 (the whole answer, normalised). Numbers compare as numbers (1,000 == 1000.0; lm-eval compares
 strings after dropping "$", "," and a final ".", so "18.00" != "18" there: rare in practice).
 """
@@ -130,7 +130,7 @@ def extractor(spec: str):
     if spec == "strict":
         return lambda t: _lm_eval_number(_STRICT.search(t))
     if spec == "flexible":
-        return lambda t: _lm_eval_number(list(_FLEXIBLE.finditer(t))[-1] if _FLEXIBLE.search(t) else None)
+        return lambda t: _lm_eval_number(next(reversed(list(_FLEXIBLE.finditer(t))), None))
     if spec == "exact":
         return lambda t: t.strip()
     if spec.startswith("regex:"):
