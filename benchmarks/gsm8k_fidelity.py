@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/gsm8k_fidelity.py                     # 250 test questions, 5-shot (~40 min on 2 cores)
     .venv/bin/python benchmarks/gsm8k_fidelity.py --limit 8           # smoke
     .venv/bin/python benchmarks/gsm8k_fidelity.py --dataset arith --out benchmarks/results/gsm8k_fidelity_arith.json
+    .venv/bin/python benchmarks/gsm8k_fidelity.py --dataset arith --format chat --out benchmarks/results/gsm8k_fidelity_arith_chat.json
 
 Both sides answer the first --limit questions of the shared GSM8K test file (/work/shared/data/gsm8k,
 or RLHF_BENCH_GSM8K) greedily with SmolLM2-135M (benchmarks/.models/smollm2-135m, fp32, CPU, 2 threads),
@@ -20,7 +21,9 @@ the same text, lm-eval's strict and flexible exact match, and ours with each ext
 `flexible`: lm-eval's filters; `gsm8k`: our default) applied to our own generations. The goal (issue 5):
 the same headline number within one point. SmolLM2-135M solves only ~1% of GSM8K, so `--dataset arith`
 repeats the check where the model is right often: two-number sums and differences written in GSM8K's
-layout ("a + b = c\\n#### c"), generated with a fixed seed. lm-eval lives in its own venv (see mmlu_speed.py).
+layout ("a + b = c\\n#### c"), generated with a fixed seed. `--format chat` compares the chat-template
+path: lm-eval `--apply_chat_template` (few-shot as multi-turn) against ours with `--format chat
+--template 'Question: {question}\\nAnswer:'` and lm-eval's gsm8k stop strings. lm-eval lives in its own venv (see mmlu_speed.py).
 Results: benchmarks/results/gsm8k_fidelity.json.
 """
 
@@ -128,6 +131,7 @@ def compare(ours: dict, theirs: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", choices=("gsm8k", "arith"), default="gsm8k")
+    ap.add_argument("--format", choices=("raw", "chat"), default="raw")
     ap.add_argument("--limit", type=int, default=250, help="test questions (the first N)")
     ap.add_argument("--shots", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=8, help="both sides")
@@ -153,9 +157,13 @@ def main() -> None:
                         "--batch_size", str(args.batch_size), "--device", "cpu", "--limit", str(args.limit),
                         "--gen_kwargs", "max_gen_toks=256", "--output_path", str(tmp / "lmeval"), "--log_samples"],
         }
+        if args.format == "chat":
+            sides["ours"] += ["--format", "chat", "--template", "Question: {question}\\nAnswer:",
+                              "--stop", "Question:", "--stop", "</s>", "--stop", "<|im_end|>"]
+            sides["lm-eval"] += ["--apply_chat_template", "--fewshot_as_multiturn", "true"]
         for side, cmd in sides.items():
             t0, cpu0 = time.perf_counter(), children_cpu_seconds()
-            load = run_worker(cmd, RESULTS / f"{args.dataset}_{side}.log")
+            load = run_worker(cmd, RESULTS / f"{args.dataset}_{args.format}_{side}.log")
             results["runs"].append({"side": side, "wall_seconds": time.perf_counter() - t0,
                                     "cpu_seconds": children_cpu_seconds() - cpu0, "loadavg_1min_before": load,
                                     "loadavg_1min_after": os.getloadavg()[0]})
@@ -165,7 +173,7 @@ def main() -> None:
 
     v = results["env"]["versions"]
     print(f"torch {v['torch']}, transformers {v['transformers']}, lm-eval {lmeval_versions['lm_eval']}; "
-          f"SmolLM2-135M fp32 greedy, {fidelity['n']} {args.dataset} test questions, {args.shots}-shot (first rows of train)\n")
+          f"SmolLM2-135M fp32 greedy, {fidelity['n']} {args.dataset} test questions, {args.shots}-shot (first rows of train), {args.format}\n")
     for name, acc in fidelity["exact_match"].items():
         print(f"  {name:32s} {100 * acc:6.2f}%")
     print(f"\ndifference (ours - lm-eval): strict {fidelity['diff_points']['strict']:+.2f} points, "

@@ -106,6 +106,11 @@ def test_prompt_follows_lm_eval_gsm8k_layout():
     chat = build_prompt("What is 4+4?", shots[:1], "chat")
     assert chat == [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "1+1=2\n#### 2"},
                     {"role": "user", "content": "What is 4+4?"}]
+    # lm-eval --apply_chat_template --fewshot_as_multiturn: user = doc_to_text, assistant = the answer
+    chat = build_prompt("What is 4+4?", shots[:1], "chat", "Question: {question}\nAnswer:")
+    assert chat == [{"role": "user", "content": "Question: What is 1+1?\nAnswer:"}, {"role": "assistant", "content": "1+1=2\n#### 2"},
+                    {"role": "user", "content": "Question: What is 4+4?\nAnswer:"}]
+    assert build_prompt("4+4", shots[:1], "raw", "Q: {question} =") == "Q: What is 1+1? = 1+1=2\n#### 2\n\nQ: 4+4 ="
 
 
 def test_gsm8k_rows_and_field_mapping_and_bad_rows(tmp_path):
@@ -129,6 +134,8 @@ def test_exact_cli_errors_exit_2(tmp_path, capsys):
     assert code == 2 and "bad regular expression" in err
     code, _, err = call(["eval", "exact", str(data), "-m", "builtin:micro", "-n", "3"], capsys)
     assert code == 2 and "use a temperature > 0" in err
+    code, _, err = call(["eval", "exact", str(data), "-m", "builtin:micro", "--template", "Q:"], capsys)
+    assert code == 2 and "has no {question}" in err
 
 
 def test_exact_end_to_end_two_models_majority_vote(tmp_path, capsys, monkeypatch):
@@ -172,6 +179,14 @@ def test_exact_stop_strings_default_to_lm_eval_and_stop_replaces_them(tmp_path, 
     for fmt, stop, want in (("raw", None, ("Question:", "</s>", "<|im_end|>")), ("chat", None, ()), ("raw", ("\n\n",), ("\n\n",))):
         res = exact.run(ExactConfig(data=str(data), models=("builtin:micro",), format=fmt, stop=stop, device="cpu"))
         assert seen[-1] == want and res[0].metrics["exact_match"] == 1.0
+    # the CLI turns a typed "\\n" in --template into a newline
+    monkeypatch.setattr(exact, "run", lambda cfg: seen.append(cfg.template))
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    CliRunner().invoke(app, ["eval", "exact", str(data), "-m", "builtin:micro", "--template", "Question: {question}\\nAnswer:"])
+    assert seen[-1] == "Question: {question}\nAnswer:"
 
 
 def test_exact_real_generation_runs(tmp_path, capsys):

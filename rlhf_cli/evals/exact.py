@@ -10,11 +10,14 @@ Reads GSM8K rows `{"question", "answer": "... #### 72"}` directly, our prompt ro
 Prompt (raw format, lm-evaluation-harness's `gsm8k` task): k solved examples then the question, each
 "Question: {question}\\nAnswer: {answer}" joined by a blank line, ending in "Answer:"; generation stops
 where lm-eval's does: at "Question:", "</s>" or "<|im_end|>" (and the model's EOS). Chat format
-(`--format chat`) sends each shot as a user / assistant turn instead and stops at end of turn.
-`--stop` replaces the stop strings. Extraction (`--extract`): `gsm8k` (the `#### N` line, else the
-last number), `strict` and `flexible` (lm-eval's two gsm8k filters with its own regular expressions: the
-first "#### N", or the last number-like run), `last-number`, `regex:PATTERN` (group 1 if any), `exact`
-(the whole answer, normalised). Numbers compare as numbers (1,000 == 1000.0; lm-eval compares
+(`--format chat`) sends each shot as a user / assistant turn instead (the bare question as the user
+turn) and stops at end of turn. `--template` sets the question's text in both formats: with
+`--format chat --template 'Question: {question}\\nAnswer:'` the turns are exactly lm-eval's
+`--apply_chat_template --fewshot_as_multiturn`. `--stop` replaces the stop strings.
+
+Extraction (`--extract`): `gsm8k` (the `#### N` line, else the last number), `strict` and `flexible`
+(lm-eval's two gsm8k filters with its own regular expressions: the first "#### N", or the last
+number-like run), `last-number`, `regex:PATTERN` (group 1 if any), `exact` (the whole answer, normalised). Numbers compare as numbers (1,000 == 1000.0; lm-eval compares
 strings after dropping "$", "," and a final ".", so "18.00" != "18" there: rare in practice).
 """
 
@@ -34,6 +37,7 @@ from rlhf_cli.options import DeviceOpt, DtypeOpt, FormatOpt, SeedOpt, TrustOpt, 
 
 FIELDS = ("question", "answer", "id")
 STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval gsm8k's `until`, for the raw format
+TEMPLATES = {"raw": "Question: {question}\nAnswer:", "chat": "{question}"}  # lm-eval gsm8k's doc_to_text; a bare chat turn
 # lm-eval gsm8k's filters (tasks/gsm8k/gsm8k.yaml): strict-match takes the first "#### N", flexible-extract
 # the last number-like run; both then ignore "$", "," and a final "." when comparing.
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -52,6 +56,7 @@ class ExactConfig:
     temperature: float = 0.0
     max_new_tokens: int = 256
     stop: tuple[str, ...] | None = None
+    template: str | None = None
     batch_size: int = 16
     limit: int | None = None
     fields: tuple[tuple[str, str], ...] = ()
@@ -82,6 +87,7 @@ def command(
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy (default with -n 1).")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")] = 256,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); replaces the default: lm-eval's gsm8k stops for raw, none for chat.")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="The question's text: {question} is replaced, \\\\n is a newline. Default 'Question: {question}\\\\nAnswer:' for raw, '{question}' for chat.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Questions per generate call.")] = 16,
     limit: LimitOpt = None,
     field: FieldOpt = None,
@@ -109,7 +115,8 @@ def command(
     cfg = ExactConfig(
         data=data, models=tuple(models), shots=shots, fewshot=fewshot, extract=extract,
         format=check_choice("--format", fmt, ("chat", "raw")), n=n, temperature=temperature,
-        max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None, batch_size=batch_size, limit=limit,
+        max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None,
+        template=template.replace("\\n", "\n") if template else None, batch_size=batch_size, limit=limit,
         fields=tuple(parse_fields(field, FIELDS).items()), log_samples=log_samples, plot=plot, seed=seed, device=device,
         dtype=check_choice("--dtype", dtype, ("fp32", "bf16", "fp16")), trust_remote_code=trust_remote_code,
     )
@@ -180,15 +187,20 @@ def majority(answers: list[str | None]) -> str | None:
     return next(a for a in answers if a is not None and counts[normalise(a)] == best)
 
 
-def build_prompt(question: str, shots: list[Problem], fmt: str) -> str | list[dict[str, str]]:
-    """lm-eval's gsm8k layout in raw format; alternating user/assistant turns in chat format."""
+def build_prompt(question: str, shots: list[Problem], fmt: str, template: str | None = None) -> str | list[dict[str, str]]:
+    """lm-eval's gsm8k layout in raw format (shots "{text} {answer}" joined by a blank line); alternating
+    user / assistant turns in chat format. `template` renders each question ({question})."""
+    tpl = template or TEMPLATES[fmt]
+
+    def fill(q: str) -> str:
+        return tpl.replace("{question}", q)
+
     if fmt == "chat":
         msgs: list[dict[str, str]] = []
         for s in shots:
-            msgs += [{"role": "user", "content": s.question}, {"role": "assistant", "content": s.answer}]
-        return [*msgs, {"role": "user", "content": question}]
-    parts = [f"Question: {s.question}\nAnswer: {s.answer}" for s in shots]
-    return "\n\n".join([*parts, f"Question: {question}\nAnswer:"])
+            msgs += [{"role": "user", "content": fill(s.question)}, {"role": "assistant", "content": s.answer}]
+        return [*msgs, {"role": "user", "content": fill(question)}]
+    return "\n\n".join([*(f"{fill(s.question)} {s.answer}" for s in shots), fill(question)])
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -238,6 +250,8 @@ def validate(cfg: ExactConfig) -> None:
         raise RlhfError("need --shots >= 0, -n >= 1, --max-new-tokens >= 1, --batch-size >= 1")
     if cfg.shots and not cfg.fewshot:
         raise RlhfError(f"--shots {cfg.shots} needs --fewshot FILE", "e.g. --fewshot gsm8k/train.jsonl")
+    if cfg.template is not None and "{question}" not in cfg.template:
+        raise RlhfError(f"--template {cfg.template!r} has no {{question}}", "e.g. --template 'Question: {question}\\nAnswer:'")
     if cfg.n > 1 and cfg.temperature == 0:
         raise RlhfError("-n > 1 with --temperature 0 gives n identical answers", "use a temperature > 0 for a majority vote")
 
@@ -253,7 +267,7 @@ def run(cfg: ExactConfig) -> list[EvalResult]:
     shots = load_problems(cfg.fewshot, fields, extract, cfg.shots) if cfg.shots else []
     if len(shots) < cfg.shots:
         raise RlhfError(f"{cfg.fewshot}: {len(shots)} rows, fewer than --shots {cfg.shots}")
-    prompts = [build_prompt(p.question, shots, cfg.format) for p in problems]
+    prompts = [build_prompt(p.question, shots, cfg.format, cfg.template) for p in problems]
 
     # 2. each model in turn
     results = [evaluate(cfg, model, problems, prompts, extract) for model in cfg.models]
