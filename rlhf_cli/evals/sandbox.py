@@ -195,7 +195,7 @@ def run_program(program: str, box: Sandbox = Sandbox()) -> Outcome:
                "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as verdict_file:
             settings = {"fd": verdict_file.fileno(), "nonce": nonce, "timeout": box.timeout, "uid": uid,
-                        "mem": box.memory_mb << 20, "cpu": math.ceil(box.timeout) + 1, "fsize": box.fsize_mb << 20,
+                        "mem": box.memory_mb << 20, "cpu": math.ceil(box.timeout + box.grace) + 1, "fsize": box.fsize_mb << 20,
                         "nproc": box.max_procs, "guard": box.guard, "read_cap": not python_world_readable(),
                         "preload": [m for m in PRELOAD if re.search(rf"\b{m}\b", program)]}
             start = time.monotonic()
@@ -220,8 +220,10 @@ def run_program(program: str, box: Sandbox = Sandbox()) -> Outcome:
     for status in ("passed", "failed", "timeout"):
         if status in said:
             return Outcome(status, said[status], output, seconds, layers)
+    if rc == -signal.SIGXCPU:  # the CPU backstop fired before the wall-clock kill (a starved parent): still a timeout
+        return Outcome("timeout", f"killed by SIGXCPU after {seconds:.1f}s (CPU time limit)", output, seconds, layers)
     if rc < 0:
-        why = {signal.SIGXCPU: "CPU time limit", signal.SIGXFSZ: "file size limit"}.get(-rc, "")
+        why = {signal.SIGXFSZ: "file size limit"}.get(-rc, "")
         error = f"killed by {signal.Signals(-rc).name}" + (f" ({why})" if why else "")
     else:
         error = f"exited with code {rc} before the tests finished"
