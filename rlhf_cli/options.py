@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
+
+T = TypeVar("T")
 
 ModelOpt = Annotated[
     str,
@@ -13,6 +15,36 @@ ModelOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same result.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32 | bf16 (bf16 autocast over fp32 weights when training).")]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", help="YAML or JSON file of flag: value pairs (any field, e.g. kl-horizon: 5000); the command line wins."),
+]
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Write rows to this file instead of stdout ('-').")]
+
+# The options every trainer shares (config.TrainOptions); each command passes its own defaults.
+TRAIN = "Training"
+OutOpt = Annotated[str, typer.Option("--out", help="Checkpoint directory to write (resume state goes to OUT-state/).")]
+DeprecatedOutOpt = Annotated[str | None, typer.Option("-o", hidden=True, help="Deprecated spelling of --out.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from OUT-state/ after a crash or kill.")]
+SaveEveryOpt = Annotated[int, typer.Option("--save-every", help="Save resume state every N steps (0: never).")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training data.", rich_help_panel=TRAIN)]
+MaxStepsOpt = Annotated[
+    int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs).", rich_help_panel=TRAIN)
+]
+LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).", rich_help_panel=TRAIN)]
+ScheduleOpt = Annotated[str, typer.Option("--schedule", help="constant | linear | cosine | wsd.", rich_help_panel=TRAIN)]
+WarmupOpt = Annotated[float, typer.Option("--warmup", help="Warmup: a fraction of the steps (<1) or a step count.", rich_help_panel=TRAIN)]
+DecayFracOpt = Annotated[float, typer.Option("--decay-frac", help="wsd: fraction of steps in the final decay.", rich_help_panel=TRAIN)]
+MinLrRatioOpt = Annotated[float, typer.Option("--min-lr-ratio", help="The schedule ends at lr x this.", rich_help_panel=TRAIN)]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay on matrices.", rich_help_panel=TRAIN)]
+MaxGradNormOpt = Annotated[float, typer.Option("--max-grad-norm", help="Clip the global grad norm (0: off).", rich_help_panel=TRAIN)]
+GradAccumOpt = Annotated[int, typer.Option("--grad-accum", help="Microbatches per optimizer step (per process).", rich_help_panel=TRAIN)]
+LoraOpt = Annotated[int, typer.Option("--lora", help="LoRA rank via peft (0: full fine-tuning).", rich_help_panel=TRAIN)]
+LoraAlphaOpt = Annotated[float, typer.Option("--lora-alpha", help="LoRA scaling numerator (alpha / r).", rich_help_panel=TRAIN)]
+KeepAdapterOpt = Annotated[bool, typer.Option("--keep-adapter", help="Save the LoRA adapter instead of merging it.", rich_help_panel=TRAIN)]
+GradCkptOpt = Annotated[
+    bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward.", rich_help_panel=TRAIN)
+]
 FormatOpt = Annotated[
     str,
     typer.Option("--format", help="chat: prompts go through the chat template (ChatML if none). raw: plain text."),
@@ -51,4 +83,12 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 
     if value not in choices:
         raise RlhfError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def deprecated(old: str, new: str, value: T) -> T:
+    """Warn that `old` is an old spelling of `new` (kept for one release) and pass its value on."""
+    from rlhf_cli.console import warn
+
+    warn(f"{old} is deprecated and will be removed in the next release; use {new}")
     return value

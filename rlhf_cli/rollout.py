@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from torch import nn
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.generation import Completion, SamplingParams, generate, left_pad, pad_responses, response_logprobs
 from rlhf_cli.models.reward import token_values
+
+if TYPE_CHECKING:
+    from rlhf_cli.commands.ppo import PpoConfig
 
 
 class Rollout(NamedTuple):
@@ -137,7 +140,7 @@ class Models(NamedTuple):
     ref_from: str  # for the log line
 
 
-def setup_models(cfg: Any, device: str, ref_dtype: str) -> Models:
+def setup_models(cfg: PpoConfig, device: str, ref_dtype: str) -> Models:
     """Policy (+LoRA), value model (from the RM by default, as InstructGPT), frozen reference; `cfg` is a PpoConfig.
 
     The value model starts as the reward model because both map a (prompt, partial response) to a
@@ -150,28 +153,29 @@ def setup_models(cfg: Any, device: str, ref_dtype: str) -> Models:
     from rlhf_cli.models.reward import add_reward_lora, load_reward_model
     from rlhf_cli.training import add_lora, enable_activation_checkpointing
 
-    spec = parse_model_spec(cfg.policy)
-    tok = load_tokenizer(spec, cfg.trust_remote_code)
-    policy = load_model(spec, tok, "fp32", cfg.trust_remote_code)
+    t = cfg.train
+    spec = parse_model_spec(cfg.model)
+    tok = load_tokenizer(spec, t.trust_remote_code)
+    policy = load_model(spec, tok, "fp32", t.trust_remote_code)
     value_from = cfg.value_init
     if value_from == "auto":
-        value_from = "reward" if cfg.reward and _same_vocab(tok, cfg.reward, cfg.trust_remote_code) else "policy"
+        value_from = "reward" if cfg.reward and _same_vocab(tok, cfg.reward, t.trust_remote_code) else "policy"
     if value_from == "reward" and not cfg.reward:
         raise RlhfError("--value-init reward needs --reward RM_DIR")
     value_spec = parse_model_spec(cfg.reward) if value_from == "reward" else spec
-    value = load_reward_model(value_spec, load_tokenizer(value_spec, cfg.trust_remote_code), "fp32", cfg.trust_remote_code)
+    value = load_reward_model(value_spec, load_tokenizer(value_spec, t.trust_remote_code), "fp32", t.trust_remote_code)
     if value_from == "reward":
         rescale_head(value, *reward_stats(cfg.reward))
     for m in (policy, value):
         disable_dropout(m)
-        if cfg.gradient_checkpointing:
+        if t.gradient_checkpointing:
             enable_activation_checkpointing(m)
-    if cfg.lora_r:
-        policy, value = add_lora(policy, cfg.lora_r, cfg.lora_alpha), add_reward_lora(value, cfg.lora_r, cfg.lora_alpha)
+    if t.lora_r:
+        policy, value = add_lora(policy, t.lora_r, t.lora_alpha), add_reward_lora(value, t.lora_r, t.lora_alpha)
     ref, ref_from = None, "the policy with its LoRA adapter disabled"
-    if cfg.ref or not cfg.lora_r:
+    if cfg.ref or not t.lora_r:
         ref_spec = parse_model_spec(cfg.ref) if cfg.ref else spec
-        ref = load_model(ref_spec, tok, ref_dtype, cfg.trust_remote_code).eval().requires_grad_(False)
+        ref = load_model(ref_spec, tok, ref_dtype, t.trust_remote_code).eval().requires_grad_(False)
         disable_dropout(ref)
         ref = ref.to("cpu" if cfg.offload else device)
         ref_from = f"{ref_spec.raw} ({ref_dtype})"

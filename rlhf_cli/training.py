@@ -1,17 +1,40 @@
-"""Pieces shared by the training commands: the loss module, LoRA, eval loss, grad clipping."""
+"""The training frame every trainer (sft, train-rm, ppo) runs in, and the pieces they share.
+
+Plain functions, no base class: each trainer keeps its numbered loop in its own command module and
+calls these around it (STYLE principle 4):
+
+    env = setup(cfg.train)                              # processes, device, seed, autocast
+    plan = plan_epochs(make_epoch, cfg.train, env.per_step)   # seeded, identical on every rank
+    s = start(env, cfg.train, model, forward, key)      # optimizer, --resume (checked key), DDP, metrics
+    for step in range(s.start, plan.total):
+        lr = set_lr(s, step, plan.total)
+        ...                                             # the command's own math
+        grad_norm = optimizer_step(s)
+        log(s, row); maybe_save(s, step + 1, plan.total)
+    finish(s, "sft", cfg, model, tok, inputs, final)    # rank 0 writes OUT/ + manifest, drops OUT-state/
+
+Also here: the causal-LM loss module, LoRA, held-out loss, grad clipping, activation checkpointing.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from rlhf_cli.losses.sft import linear_cross_entropy_sum, shift_targets
+from rlhf_cli import runtime
+from rlhf_cli.config import TrainOptions, flat
+from rlhf_cli.errors import RlhfError
+from rlhf_cli.metrics import MetricsLog
 
-# configs whose head is not a plain linear layer: scaled or soft-capped logits
-_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+from rlhf_cli.losses.sft import linear_cross_entropy_sum, shift_targets
+from rlhf_cli.models.introspect import plain_linear_head
 
 
 class CausalLMLoss(nn.Module):
@@ -25,8 +48,7 @@ class CausalLMLoss(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        cfg = getattr(model, "config", None)
-        self.fused = not any(getattr(cfg, k, None) not in (None, 1.0) for k in _HEAD_EXTRAS)
+        self.fused = plain_linear_head(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,12 +99,21 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def adamw(params: list[torch.Tensor], lr: float, weight_decay: float, device: str) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on norms and biases, as in GPT-2 / nanoGPT)."""
+    """The one optimizer policy of every trainer: AdamW, decay on matrices only (GPT-2 / nanoGPT).
+
+    fused: one kernel over all tensors where PyTorch has it (CPU and CUDA): ~5x the for-each
+    update on CPU, measured in `benchmarks/` (sft, rm, ppo). eps by the dtype of the weights it
+    updates: 1e-8 (PyTorch's default) for fp32 weights, which `--dtype bf16` keeps (autocast over
+    fp32 master weights); 1e-5 for 16-bit weights, where 1e-8 vanishes next to sqrt(v).
+    """
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.startswith("cuda") or None)
+    groups = [g for g in groups if g["params"]]
+    eps = 1e-8 if all(p.dtype == torch.float32 for p in params) else 1e-5
+    fused = device.split(":")[0] in ("cpu", "cuda") or None
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=eps, fused=fused)
 
 
 def add_lora(model: nn.Module, r: int, alpha: float) -> nn.Module:
@@ -98,3 +129,169 @@ def merge_or_keep_lora(model: nn.Module, keep_adapter: bool) -> nn.Module:
     if keep_adapter or not hasattr(model, "merge_and_unload"):
         return model
     return model.merge_and_unload()
+
+
+# ---------------------------------------------------------------- the frame
+
+
+@dataclass(frozen=True)
+class Env:
+    """Where a run executes: its process group, device, autocast context and global microbatches per step."""
+
+    dist: runtime.Dist
+    device: str
+    autocast: Any
+    per_step: int  # microbatches per optimizer step over all processes = grad_accum x world
+
+
+def setup(opts: TrainOptions, grad_accum: int | None = None) -> Env:
+    """Join torchrun's process group, pick the device, seed everything, build the autocast context."""
+    dist = runtime.init_distributed(opts.device)
+    device = runtime.pick_device(opts.device, dist)
+    runtime.seed_everything(opts.seed)
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=opts.dtype == "bf16")
+    return Env(dist, device, autocast, (opts.grad_accum if grad_accum is None else grad_accum) * dist.world)
+
+
+def prepare_model(model: nn.Module, opts: TrainOptions, device: str, lora: Callable[[nn.Module, int, float], nn.Module] | None = None) -> nn.Module:
+    """Activation checkpointing, then LoRA (`lora(model, r, alpha)`, default `add_lora`), then onto the device."""
+    if opts.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    if opts.lora_r:
+        model = (lora or add_lora)(model, opts.lora_r, opts.lora_alpha)
+    return model.to(device)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """All microbatches of a run, epoch after epoch, cut to whole optimizer steps.
+
+    Step s uses microbatches [s * per_step, (s + 1) * per_step): a pure function of the seed and the
+    options, so a resumed run or another rank rebuilds exactly the same plan.
+    """
+
+    mbs: list[Any]
+    per_step: int
+    epochs: int
+    total: int  # optimizer steps of the run
+
+    def step(self, s: int) -> list[Any]:
+        return self.mbs[s * self.per_step : (s + 1) * self.per_step]
+
+    def epoch_of(self, s: int) -> float:
+        """Epochs completed after step s (fractional)."""
+        return round((s + 1) * self.per_step / max(1, len(self.mbs)) * self.epochs, 4)
+
+
+def plan_epochs(make_epoch: Callable[[int], Sequence[Any]], opts: TrainOptions, per_step: int,
+                hint: str = "lower --batch-size / --grad-accum or add rows") -> Plan:
+    """`make_epoch(e)` -> that epoch's seeded microbatches; whole steps of each until --epochs / --max-steps."""
+    mbs: list[Any] = []
+    epoch = 0
+    while True:
+        epoch_mbs = list(make_epoch(epoch))
+        if len(epoch_mbs) < per_step:
+            raise RlhfError(f"too little data for one optimizer step ({len(epoch_mbs)} batches, need {per_step})", hint)
+        mbs.extend(epoch_mbs[: len(epoch_mbs) // per_step * per_step])
+        epoch += 1
+        if opts.max_steps is None and epoch >= opts.epochs or opts.max_steps is not None and len(mbs) >= opts.max_steps * per_step:
+            total = opts.max_steps if opts.max_steps is not None else len(mbs) // per_step
+            return Plan(mbs, per_step, epoch, total)
+
+
+@dataclass
+class Session:
+    """A started run: what the loop needs besides its own math."""
+
+    env: Env
+    opts: TrainOptions
+    model: nn.Module  # what the resume state holds (unwrapped)
+    forward: nn.Module  # what the loop calls: the forward module, DDP-wrapped under torchrun
+    params: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    start: int  # the first step to run (> 0 after --resume)
+    key: dict[str, Any]  # the options a resumed run must repeat
+    metrics: MetricsLog | None
+    t_start: float = field(default_factory=time.perf_counter)
+
+    def no_sync(self, last: bool) -> Any:
+        """DDP: skip the gradient all-reduce on all but the last microbatch of a step."""
+        if last or self.env.dist.world == 1:
+            return contextlib.nullcontext()
+        return self.forward.no_sync()  # type: ignore[operator]
+
+
+def start(env: Env, opts: TrainOptions, model: nn.Module, forward: nn.Module | None = None, key: dict[str, Any] | None = None,
+          warmup: int | None = None) -> Session:
+    """The optimizer over `model`'s trainable parameters, --resume (refusing a different key), DDP, metrics.
+
+    `forward` is the module the loop calls (a loss wrapper around `model`; default `model` itself):
+    DDP wraps it whole so it sees every parameter used.
+    """
+    from rlhf_cli.train_state import start_or_resume
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(params, opts.lr, opts.weight_decay, env.device)
+    key = key or {}
+    first = start_or_resume(opts.state_dir, opts.resume, model, optimizer, key, env.dist.main)
+    runtime.barrier()
+    fwd = forward if forward is not None else model
+    if env.dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        fwd = DistributedDataParallel(fwd, device_ids=[env.device] if env.device.startswith("cuda") else None)
+    metrics = MetricsLog(opts.state_dir / "metrics.jsonl", resume_step=first if opts.resume else None) if env.dist.main else None
+    return Session(env, opts, model, fwd, params, optimizer, first, key, metrics)
+
+
+def set_lr(s: Session, step: int, total: int) -> float:
+    """The scheduled learning rate of optimizer step `step` (0-based), set on every param group."""
+    from rlhf_cli.schedules import lr_factor
+
+    o = s.opts
+    warmup = int(o.warmup * total) if o.warmup < 1 else int(o.warmup)
+    lr = o.lr * lr_factor(step, total, o.schedule, warmup, o.decay_frac, o.min_lr_ratio)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def optimizer_step(s: Session) -> float:
+    """Clip the global grad norm, step, zero the gradients; returns the pre-clip norm."""
+    grad_norm = global_grad_norm_clip(s.params, s.opts.max_grad_norm)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def log(s: Session, row: dict[str, Any]) -> None:
+    if s.metrics:
+        s.metrics.log(row)
+
+
+def maybe_save(s: Session, done: int, total: int, extra: dict[str, Any] | None = None) -> None:
+    """After `done` optimizer steps: write the resume state every --save-every steps (rank 0), but not at the end."""
+    from rlhf_cli.train_state import save_state
+
+    if s.opts.save_every and done % s.opts.save_every == 0 and done < total:
+        if s.env.dist.main:
+            save_state(s.opts.state_dir, done, s.model, s.optimizer, {"plan": s.key, **(extra or {})})
+        runtime.barrier()
+
+
+def finish(s: Session, command: str, cfg: Any, model: nn.Module, tok: Any, inputs: list[str], final: dict[str, Any],
+           parent: str) -> None:
+    """Rank 0 writes OUT/ once (weights, tokenizer, manifest with the resolved config, metrics.jsonl)
+    and drops OUT-state/; every rank then leaves the process group."""
+    import shutil
+
+    from rlhf_cli.models import checkpoint
+
+    if s.env.dist.main:
+        manifest = checkpoint.build_manifest(command, flat(cfg), inputs, parent, final)
+        metrics_bytes = (s.opts.state_dir / "metrics.jsonl").read_bytes()
+        saved = merge_or_keep_lora(model, s.opts.keep_adapter)
+        checkpoint.save_checkpoint(saved, tok, s.opts.out, manifest, extra={"metrics.jsonl": metrics_bytes})
+        shutil.rmtree(s.opts.state_dir, ignore_errors=True)
+    runtime.barrier()
+    runtime.cleanup_distributed()
