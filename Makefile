@@ -38,6 +38,7 @@ test-server: install
 
 lint: install
 	$(BIN)/ruff check rlhf_cli tests benchmarks examples
+	$(BIN)/mypy rlhf_cli
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

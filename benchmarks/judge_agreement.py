@@ -13,7 +13,7 @@ Accuracy is against the human label on items without a human tie (PandaLM: major
 annotators; LLMBar Natural: the gold label), over the pairs the judge decided (`coverage` says
 how many), plus `accuracy_ties_half` over all of them (a judge tie counts half right), which is the
 fair way to compare one order with two. Position consistency: the share of pairs whose two orders
-agree. Labels are read by the same adapters as `rlhf pairwise --against` (rlhf_cli.agreement).
+agree. Labels are read by the same adapters as `rlhf pairwise --against` (rlhf_cli.data.labels).
 
     .venv/bin/python benchmarks/judge_agreement.py --limit 200          # a seeded 200-item subset per set
     .venv/bin/python benchmarks/judge_agreement.py --sets llmbar --limit 0   # all 100 LLMBar Natural items
@@ -50,7 +50,7 @@ SETS = {
 
 def stats(picks: list[int | None], human: list[int], seed: int) -> dict[str, Any]:
     """picks: the judge's choice per pair (0 = output 1, 1 = output 2, None = tie) vs human (0/1)."""
-    from rlhf_cli.agreement import bootstrap_ci, cohen_kappa
+    from rlhf_cli.judges.agreement import bootstrap_ci, cohen_kappa
 
     decided = [(p, h) for p, h in zip(picks, human, strict=True) if p is not None]
     out: dict[str, Any] = {
@@ -68,7 +68,7 @@ def stats(picks: list[int | None], human: list[int], seed: int) -> dict[str, Any
 
 
 def evaluate(name: str, judge: Any, limit: int, seed: int) -> dict[str, Any]:
-    from rlhf_cli.agreement import read_items
+    from rlhf_cli.data.labels import read_items
     from rlhf_cli.judges.base import Ask
 
     fmt, items = read_items(str(SETS[name]))

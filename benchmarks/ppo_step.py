@@ -114,7 +114,7 @@ def reward_dir(policy: Path) -> Path:
 
 def pick_prompts(policy: Path, n: int) -> tuple[list[str], list[list[int]]]:
     """The first n Alpaca instructions (no input field) whose rendered prompt has the most common length."""
-    from rlhf_cli.generation import render_prompt
+    from rlhf_cli.data.records import render_prompt
     from rlhf_cli.models.loading import load_tokenizer, parse_model_spec
 
     if not ALPACA.is_file():

@@ -88,8 +88,10 @@ def main() -> None:
 
     register_optimizer_step_post_hook(lambda *_: opt_steps.__setitem__(0, opt_steps[0] + 1))
 
-    cfg = ppo.PpoConfig(
-        prompts=plan["prompts"], out=str(args.work / "ppo"), policy=plan["policy"], reward=plan["reward"],
+    from rlhf_cli.config import build
+
+    cfg = build(
+        ppo.PpoConfig, prompts=plan["prompts"], out=str(args.work / "ppo"), model=plan["policy"], reward=plan["reward"],
         format="chat", batch_size=k["batch_size"], minibatch_size=k["minibatch_size"], ppo_epochs=k["ppo_epochs"],
         epochs=math.ceil(steps * k["batch_size"] / n_prompts), max_steps=steps, max_new_tokens=k["max_new_tokens"],
         temperature=k["temperature"], lr=k["lr"], kl_coef=k["kl_coef"], kl_estimator="k1", gamma=k["gamma"],

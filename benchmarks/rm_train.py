@@ -87,19 +87,21 @@ def build_init(model_dir: Path, out: Path) -> None:
 
 def build_plan(cfg_kw: dict, steps: int) -> dict:
     """Our tokenization + our plan, exactly as `rlhf_cli.commands.train_rm.run` builds them."""
-    from rlhf_cli.commands.train_rm import RmConfig, load_rows, plan_steps, split_examples
+    from rlhf_cli import training
+    from rlhf_cli.commands.train_rm import RmConfig, epoch_batches, load_rows, split_examples
+    from rlhf_cli.config import build
     from rlhf_cli.data import pref_data
     from rlhf_cli.models.loading import load_tokenizer, parse_model_spec
 
-    cfg = RmConfig(**cfg_kw)
+    cfg = build(RmConfig, **cfg_kw)
     tok = load_tokenizer(parse_model_spec(cfg.model))
     rows, _ = load_rows(cfg)
     train, _ = split_examples(cfg, pref_data.tokenize_prefs(tok, rows, cfg.format, cfg.max_len), [])
-    plan, _ = plan_steps(cfg, train, 1)
-    mbs = plan[:steps]
+    plan = training.plan_epochs(lambda e: epoch_batches(train, cfg.train.seed, e, cfg.batch_size), cfg.train, 1)
+    mbs = plan.mbs[:steps]
     return {"batch_size": cfg.batch_size, "max_len": cfg.max_len, "steps": steps, "pad_id": tok.pad_token_id,
             "rows": [{"chosen_ids": ex.seqs[0], "rejected_ids": ex.seqs[1]} for mb in mbs for ex in mb],
-            "step_tokens": [pref_data.token_count(mb) for mb in mbs], "knobs": KNOBS, "total_steps": cfg.max_steps}
+            "step_tokens": [pref_data.token_count(mb) for mb in mbs], "knobs": KNOBS, "total_steps": cfg.train.max_steps}
 
 
 
@@ -238,7 +240,9 @@ def worker_ours(cfg_path: Path, result: Path) -> None:
         return real_save(*a, **kw)
 
     checkpoint.save_checkpoint = save_and_note
-    cfg = train_rm.RmConfig(**json.loads(cfg_path.read_text()))
+    from rlhf_cli.config import build
+
+    cfg = build(train_rm.RmConfig, **json.loads(cfg_path.read_text()))
     t0 = time.perf_counter()
     final = train_rm.run(cfg)
     wall = time.perf_counter() - t0

@@ -36,8 +36,8 @@ from prepare_model import prepare  # noqa: E402
 def build_plan(prompts_path: Path, model_dir: Path, args: argparse.Namespace) -> dict:
     """Batches of rendered prompt ids + seeds, exactly as `rlhf_cli.commands.sample.run` makes them."""
     from rlhf_cli.data.jsonl import read_jsonl
-    from rlhf_cli.data.records import assign_ids, parse_prompt_row
-    from rlhf_cli.generation import batch_seed, render_prompt
+    from rlhf_cli.data.records import assign_ids, parse_prompt_row, render_prompt
+    from rlhf_cli.generation import batch_seed
     from rlhf_cli.models.loading import load_tokenizer, parse_model_spec
 
     tok = load_tokenizer(parse_model_spec(str(model_dir)))

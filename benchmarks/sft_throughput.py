@@ -51,15 +51,16 @@ from prepare_model import prepare  # noqa: E402
 def build_plan(data_path: Path, model_dir: Path, packing: bool, batch_size: int, max_len: int, steps: int) -> dict:
     """Our tokenization + our plan, exactly as `rlhf_cli.commands.sft.run` builds it (epoch 0, seed 0)."""
     from rlhf_cli.commands.sft import SftConfig, load_sources
+    from rlhf_cli.config import build
     from rlhf_cli.data import sft_data
     from rlhf_cli.models.loading import load_tokenizer, parse_model_spec
 
-    cfg = SftConfig(data=(str(data_path),), out="unused", model=str(model_dir), max_len=max_len,
+    cfg = build(SftConfig, data=(str(data_path),), out="unused", model=str(model_dir), max_len=max_len,
                     packing=packing, batch_size=batch_size, max_steps=steps, seed=0)
     tok = load_tokenizer(parse_model_spec(cfg.model))
     raw_sources, _ = load_sources(cfg)
     sources = [sft_data.Source(sft_data.tokenize_rows(tok, rows, cfg.format, cfg.max_len), w) for _p, w, rows in raw_sources]
-    mbs = sft_data.plan_epoch(sources, cfg.seed, 0, cfg.batch_size, cfg.max_len, cfg.packing)
+    mbs = sft_data.plan_epoch(sources, cfg.train.seed, 0, cfg.batch_size, cfg.max_len, cfg.packing)
     if len(mbs) < steps:
         sys.exit(f"only {len(mbs)} microbatches from the data, need {steps}: raise --rows")
     mbs = mbs[:steps]

@@ -49,8 +49,10 @@ def main() -> None:
 
     checkpoint.save_checkpoint = save_and_note
     out = Path(args.work) / "ckpt"
-    cfg = sft.SftConfig(
-        data=(args.data,), out=str(out), model=args.model, format="chat", max_len=args.max_len,
+    from rlhf_cli.config import build
+
+    cfg = build(
+        sft.SftConfig, data=(args.data,), out=str(out), model=args.model, format="chat", max_len=args.max_len,
         packing=args.packing, batch_size=args.batch_size, grad_accum=1, lr=2e-5, schedule="cosine",
         max_steps=args.steps, save_every=0, seed=0, dtype="fp32", device="cpu",
         gradient_checkpointing=args.gradient_checkpointing,

@@ -33,7 +33,7 @@ $RLHF train-rm "$OUT/prefs.jsonl" --model "$OUT/sft" --out "$OUT/rm" \
 # something to teach; a KL coefficient of 1.0 keeps it from exploiting the reward model's mistakes
 # (at 0.05 this reward model is over-optimised: its reward doubles while accuracy falls).
 echo "== rlhf ppo: $OUT/sft against $OUT/rm, KL to the SFT policy" >&2
-$RLHF ppo "$OUT/ppo_prompts.jsonl" --policy "$OUT/sft" --reward "$OUT/rm" --out "$OUT/ppo" \
+$RLHF ppo "$OUT/ppo_prompts.jsonl" -m "$OUT/sft" --reward "$OUT/rm" --out "$OUT/ppo" \
     -b 64 --minibatch-size 16 --max-new-tokens 6 --temperature 1.5 --lr 1e-4 --kl-coef 1.0 --save-every 20
 $RLHF plot "$OUT/ppo/metrics.jsonl" -o "$OUT/ppo_curves.png" --smooth 5
 

@@ -15,8 +15,9 @@ from rich.markup import escape
 from rlhf_cli import __version__
 from rlhf_cli.commands import eval as eval_cmd
 from rlhf_cli.commands import pairwise, plot, ppo, sample, sft, train_rm
-from rlhf_cli.console import err
+from rlhf_cli.console import err, quiet_libraries
 from rlhf_cli.errors import RlhfError
+from rlhf_cli.options import STREAM
 
 app = typer.Typer(
     name="rlhf",
@@ -33,8 +34,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("sft", no_args_is_help=True)(sft.command)
-app.command("sample", no_args_is_help=True)(sample.command)
-app.command("pairwise", no_args_is_help=True)(pairwise.command)
+app.command("sample", no_args_is_help=True, context_settings=STREAM)(sample.command)
+app.command("pairwise", no_args_is_help=True, context_settings=STREAM)(pairwise.command)
 app.command("train-rm", no_args_is_help=True)(train_rm.command)
 app.command("ppo", no_args_is_help=True)(ppo.command)
 app.command("plot", no_args_is_help=True)(plot.command)
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     itself; we only add the one-line `RlhfError`. Catching Click's exception types here instead
     would break whenever Typer changes which Click it uses (0.29 vendors its own copy).
     """
+    quiet_libraries()  # only our own progress and messages on stderr
     try:
         app(args=argv, prog_name="rlhf")  # standalone mode: always ends in SystemExit
     except RlhfError as e:

@@ -13,13 +13,12 @@ the decoded text, the same text the caller gets.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
-from rlhf_cli.training import _HEAD_EXTRAS
+from rlhf_cli.models.introspect import forward_accepts, plain_linear_head
 
 
 @dataclass(frozen=True)
@@ -40,15 +39,6 @@ class Completion:
     token_ids: list[int]  # generated tokens, the final EOS included when it was sampled
     logprobs: list[float] | None = None
     entropies: list[float] | None = None  # with track=True: the sampling distribution's entropy per token
-
-
-def render_prompt(tok: Any, prompt: str | None, messages: Any, fmt: str) -> list[int]:
-    """Prompt token ids: chat template + generation prompt, or raw text (BOS if the model uses one)."""
-    if messages is not None or fmt == "chat":
-        msgs = list(messages) if messages is not None else [{"role": "user", "content": prompt}]
-        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    return tok(prompt)["input_ids"]
 
 
 def stop_token_ids(tok: Any, model: Any) -> list[int]:
@@ -82,8 +72,8 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], params: SamplingPar
     ids, prompt_mask = left_pad(rows, pad, device)  # (N, P)
     mask, pos = prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (N, P): 0 at each row's first real token
     rng = torch.Generator(device=device).manual_seed(seed)
-    last_only = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
+    last_only = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
+    cache_kw = "cache" if forward_accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
 
     tokens: list[list[int]] = [[] for _ in rows]
     seen_lp: list[list[float]] = [[] for _ in rows]
@@ -147,20 +137,17 @@ def _pick(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator) ->
     return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(1)
 
 
-def _accepts(model: Any, name: str) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft forwards **kwargs
-    try:
-        return name in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _plain_linear_head(model: Any) -> bool:
-    """True when logits = head(hidden): no soft-capping or scaling (Gemma 2, Cohere, Granite have them)."""
-    cfg = getattr(model, "config", None)
-    return not any(getattr(cfg, k, None) not in (None, 1.0) for k in _HEAD_EXTRAS)
-
-
+# the overloads tell a type checker that with_entropy=True returns (logp, entropy)
+@overload
+def response_logprobs(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, response: torch.Tensor,
+    response_mask: torch.Tensor, temperature: float = ..., with_entropy: Literal[False] = ...,
+) -> torch.Tensor: ...
+@overload
+def response_logprobs(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, response: torch.Tensor,
+    response_mask: torch.Tensor, temperature: float = ..., *, with_entropy: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 def response_logprobs(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, response: torch.Tensor,
     response_mask: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
@@ -181,12 +168,12 @@ def response_logprobs(
     p, g = prompt_width, response.shape[1]
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     kw = {"temperature": temperature, "mask": response_mask}
-    if _plain_linear_head(model):
+    if plain_linear_head(model):
         hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
         head = model.get_output_embeddings()
         h = hidden[:, p - 1 : p - 1 + g]  # (N, G, H): the state before each response token
         return fused_linear_logprobs(h, head.weight, response, head.bias, with_entropy, **kw)
-    keep = {"logits_to_keep": g + 1} if _accepts(model, "logits_to_keep") else {}
+    keep = {"logits_to_keep": g + 1} if forward_accepts(model, "logits_to_keep") else {}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **keep).logits
     return token_logprobs(logits[:, -(g + 1) : -1], response, with_entropy, **kw)  # (N, G, V) before each token
 

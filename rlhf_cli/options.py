@@ -20,6 +20,12 @@ ConfigOpt = Annotated[
     typer.Option("--config", help="YAML or JSON file of flag: value pairs (any field, e.g. kl-horizon: 5000); the command line wins."),
 ]
 OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Write rows to this file instead of stdout ('-').")]
+# Stream commands (sample, pairwise) resume into their --output file; registered with
+# context_settings=STREAM so that the old `--resume FILE` gets a message naming the new spelling.
+StreamResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Append to the --output FILE, skipping prompts already finished in it (after a kill or a stop).")
+]
+STREAM = {"allow_extra_args": True}
 
 # The options every trainer shares (config.TrainOptions); each command passes its own defaults.
 TRAIN = "Training"
@@ -78,12 +84,19 @@ MaxCostOpt = Annotated[
 CacheDirOpt = Annotated[str | None, typer.Option("--cache-dir", help="api: verdict cache directory.", rich_help_panel=JUDGE_PANEL)]
 
 
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+def refuse_extra_args(ctx: typer.Context) -> None:
+    """A stream command's stray argument is usually the FILE of the old `--resume FILE`.
+
+    `--resume` is a switch now. Typer (0.29 builds each option from its annotation and ignores
+    `is_flag` / `flag_value`) has no option that is a switch and also takes an optional value, and
+    after parsing `P --resume F` and `--resume F P` look the same, so the old spelling cannot be
+    read safely (guessing wrong would append to the prompt file): it exits 2 naming the new one.
+    """
     from rlhf_cli.errors import RlhfError
 
-    if value not in choices:
-        raise RlhfError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
+    if ctx.args:
+        raise RlhfError(f"unexpected extra argument {ctx.args[0]!r}",
+                        "--resume is a switch now: the old `--resume FILE` is spelled `--output FILE --resume`")
 
 
 def deprecated(old: str, new: str, value: T) -> T:

@@ -13,6 +13,7 @@ that produces response token t is position P - 1 + t for every row (generation.p
 from __future__ import annotations
 
 import contextlib
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -26,6 +27,8 @@ from rlhf_cli.models.reward import token_values
 
 if TYPE_CHECKING:
     from rlhf_cli.commands.ppo import PpoConfig
+    from rlhf_cli.data.records import PromptRow
+    from rlhf_cli.judges.base import ScoreJudge
 
 
 class Rollout(NamedTuple):
@@ -53,7 +56,10 @@ class PolicyAndValue(nn.Module):
 
     def __init__(self, policy: nn.Module, value: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
-        self.policy, self.value, self.temperature = policy, value, temperature
+        # Any: HF models (peft-wrapped with --lora) whose methods nn.Module's typing cannot see
+        self.policy: Any = policy
+        self.value: Any = value
+        self.temperature = temperature
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, response: torch.Tensor,
                 response_mask: torch.Tensor, ptx: dict[str, torch.Tensor] | None = None):
@@ -91,8 +97,8 @@ def collect(pv: PolicyAndValue, ref: nn.Module | None, tok: Any, prompts: list[l
     prompt_ids, prompt_mask = left_pad(prompts, pad, device)
     ids, mask, response, rmask = pad_responses(prompt_ids, prompt_mask, [c.token_ids for c in comps], pad)
     p, g = prompt_ids.shape[1], response.shape[1]
-    logp = torch.tensor([c.logprobs + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)  # (N, G)
-    ent = torch.tensor([c.entropies + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)
+    logp = torch.tensor([(c.logprobs or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)  # (N, G)
+    ent = torch.tensor([(c.entropies or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)
     parts: list[tuple[torch.Tensor, ...]] = []
     with placed(ref, device, offload):
         for s in range(0, len(comps), chunk):
@@ -111,11 +117,11 @@ def disable_dropout(model: nn.Module) -> None:
         if isinstance(m, nn.Dropout):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
+            setattr(m, "attention_dropout", 0.0)  # noqa: B010 (a float attribute, not a submodule)
 
 
 @contextlib.contextmanager
-def placed(model: Any, device: str, offload: bool) -> Iterator[None]:
+def placed(model: nn.Module | None, device: str, offload: bool) -> Iterator[None]:
     """With `offload` (CUDA), keep a frozen model in CPU memory and bring it to `device` only for its phase."""
     if not offload or model is None:
         yield
@@ -162,9 +168,9 @@ def setup_models(cfg: PpoConfig, device: str, ref_dtype: str) -> Models:
         value_from = "reward" if cfg.reward and _same_vocab(tok, cfg.reward, t.trust_remote_code) else "policy"
     if value_from == "reward" and not cfg.reward:
         raise RlhfError("--value-init reward needs --reward RM_DIR")
-    value_spec = parse_model_spec(cfg.reward) if value_from == "reward" else spec
+    value_spec = parse_model_spec(cfg.reward) if value_from == "reward" and cfg.reward else spec
     value = load_reward_model(value_spec, load_tokenizer(value_spec, t.trust_remote_code), "fp32", t.trust_remote_code)
-    if value_from == "reward":
+    if value_from == "reward" and cfg.reward:
         rescale_head(value, *reward_stats(cfg.reward))
     for m in (policy, value):
         disable_dropout(m)
@@ -203,7 +209,7 @@ def rescale_head(model: nn.Module, mean: float, std: float) -> None:
     moves into the bias where there is one (Llama-style `score` heads have none, and the value loss
     learns the remaining offset within a few steps).
     """
-    head = model.score
+    head = typing.cast(nn.Linear, model.score)
     head.weight.div_(std)
     if head.bias is not None:
         head.bias.sub_(mean).div_(std)
@@ -215,13 +221,12 @@ def _same_vocab(tok: Any, reward: str, trust_remote_code: bool) -> bool:
     return load_tokenizer(parse_model_spec(reward), trust_remote_code).get_vocab() == tok.get_vocab()
 
 
-def score_responses(scorer: Any, rows: list[Any], comps: list[Completion], device: str, offload: bool, reference: str) -> torch.Tensor:
+def score_responses(scorer: ScoreJudge, rows: list[PromptRow], comps: list[Completion], device: str, offload: bool, reference: str) -> torch.Tensor:
     """(n,) raw scores of each response by the reward model or rule (the judge interface of `pairwise`);
     with `offload` the reward model visits `device` only for this call."""
-    from rlhf_cli.data.records import render_messages
-    from rlhf_cli.judges.base import Item
+    from rlhf_cli.data.records import Item, render_messages
 
-    items = [Item(r.id, r.prompt if r.messages is None else render_messages(r.messages), (c.text,), r.extra, r.messages, r.where)
+    items = [Item(r.id, render_messages(r.messages) if r.messages is not None else r.prompt or "", (c.text,), r.extra, r.messages, r.where)
              for r, c in zip(rows, comps, strict=True)]
     mover = getattr(scorer, "move", None)
     if offload and mover is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -67,13 +66,6 @@ def cleanup_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def unwrap(model: Any) -> Any:
-    """The model inside DDP / our loss wrapper."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def all_reduce_sum(value: float, device: str) -> float:

@@ -31,9 +31,8 @@ from torch import nn
 from rlhf_cli import runtime
 from rlhf_cli.config import TrainOptions, flat
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.metrics import MetricsLog
-
 from rlhf_cli.losses.sft import linear_cross_entropy_sum, shift_targets
+from rlhf_cli.metrics import MetricsLog
 from rlhf_cli.models.introspect import plain_linear_head
 
 
@@ -47,7 +46,7 @@ class CausalLMLoss(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # an HF causal LM (its decoder and head are read below)
         self.fused = plain_linear_head(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -83,13 +82,13 @@ def evaluate(loss_mod: nn.Module, microbatches: list[Any], pad_id: int, device: 
     return runtime.all_reduce_sum(total, device) / max(1.0, runtime.all_reduce_sum(float(count), device))
 
 
-def global_grad_norm_clip(params: list[torch.Tensor], max_norm: float) -> float:
+def global_grad_norm_clip(params: Sequence[torch.Tensor], max_norm: float) -> float:
     """Clip to `max_norm` (0 = measure only); returns the pre-clip global L2 norm."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
     return float(norm)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: Any) -> None:
     """Recompute activations in backward (transformers 5 renamed gradient_checkpointing_enable)."""
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
@@ -98,7 +97,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def adamw(params: list[torch.Tensor], lr: float, weight_decay: float, device: str) -> torch.optim.Optimizer:
+def adamw(params: Sequence[torch.Tensor], lr: float, weight_decay: float, device: str) -> torch.optim.Optimizer:
     """The one optimizer policy of every trainer: AdamW, decay on matrices only (GPT-2 / nanoGPT).
 
     fused: one kernel over all tensors where PyTorch has it (CPU and CUDA): ~5x the for-each
@@ -120,11 +119,12 @@ def add_lora(model: nn.Module, r: int, alpha: float) -> nn.Module:
     """Wrap with a peft LoRA adapter on every linear layer of the decoder (not the head)."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    # peft annotates lora_alpha as int but scales by alpha / r as a float
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")  # type: ignore[arg-type]
     return get_peft_model(model, cfg)
 
 
-def merge_or_keep_lora(model: nn.Module, keep_adapter: bool) -> nn.Module:
+def merge_or_keep_lora(model: Any, keep_adapter: bool) -> nn.Module:
     """Merge a LoRA adapter into the base weights (default) so the checkpoint is a plain model."""
     if keep_adapter or not hasattr(model, "merge_and_unload"):
         return model
@@ -207,7 +207,7 @@ class Session:
     opts: TrainOptions
     model: nn.Module  # what the resume state holds (unwrapped)
     forward: nn.Module  # what the loop calls: the forward module, DDP-wrapped under torchrun
-    params: list[torch.Tensor]
+    params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     start: int  # the first step to run (> 0 after --resume)
     key: dict[str, Any]  # the options a resumed run must repeat

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import random
 import socket
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from rlhf_cli.commands.sft import SftConfig
+from rlhf_cli.config import build, update
 
 # per-run columns that depend on the wall clock, not on the numbers
 TIMING_KEYS = ("tokens_per_s", "train_seconds")
@@ -31,11 +31,11 @@ def demo_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def sft_config(data: Path | str, out: Path | str, **overrides: Any) -> SftConfig:
     """A fast config: builtin:micro, short rows, a high lr so every step moves the weights visibly."""
-    base = SftConfig(
-        data=(str(data),), out=str(out), model="builtin:micro", max_len=64, batch_size=4, max_steps=3,
+    base = build(
+        SftConfig, data=(str(data),), out=str(out), model="builtin:micro", max_len=64, batch_size=4, max_steps=3,
         lr=1e-2, schedule="constant", save_every=0, device="cpu",
     )
-    return replace(base, **overrides)
+    return update(base, **overrides)
 
 
 def metrics_rows(out: Path | str, drop_timing: bool = False) -> list[dict[str, Any]]:

@@ -10,19 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import write_jsonl
 
-from rlhf_cli.agreement import (
-    Label,
-    LabelIndex,
-    accuracy,
-    agreement_report,
-    bootstrap_ci,
-    cohen_kappa,
-    read_items,
-    read_labels,
-)
-from rlhf_cli.data.records import content_id, parse_prompt_row
+from rlhf_cli.data.labels import read_items
+from rlhf_cli.data.records import Item, content_id, parse_prompt_row
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.judges.base import Item
+from rlhf_cli.judges.agreement import Label, LabelIndex, accuracy, agreement_report, bootstrap_ci, cohen_kappa, read_labels
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
+from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.judges import build_judge
 from rlhf_cli.judges.api import ApiJudge, p_a_from_logprobs
-from rlhf_cli.judges.base import Ask, Item, JudgeOptions
+from rlhf_cli.judges.base import Ask, JudgeOptions
 
 KEY = "sk-test-SECRET-5f3c9a1e77"  # recognisable: grep for it everywhere
 

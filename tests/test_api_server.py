@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_cli.data.records import Item
 from rlhf_cli.judges import build_judge
-from rlhf_cli.judges.base import Ask, Item, JudgeOptions
+from rlhf_cli.judges.base import Ask, JudgeOptions
 
 
 def smollm2_gguf() -> Path | None:

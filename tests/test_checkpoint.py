@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import orjson
@@ -22,6 +21,7 @@ from conftest import run_cli, write_jsonl
 from sft_helpers import assert_same_weights, demo_rows, leftovers, load_weights, manifest, metrics_rows, sft_config
 
 from rlhf_cli.commands.sft import run
+from rlhf_cli.config import flat
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.models import checkpoint
 from rlhf_cli.models.builtin import build_tokenizer
@@ -78,7 +78,7 @@ def test_checkpoint_is_a_plain_hf_directory_with_a_manifest(tmp_path, data, monk
     m = manifest(out)
     assert m["step"] == "sft"
     assert m["command"] == f"rlhf sft {data} --out {out}"
-    assert m["config"] == orjson.loads(orjson.dumps(asdict(cfg)))
+    assert m["config"] == orjson.loads(orjson.dumps(flat(cfg)))  # flat: the manifest doubles as a --config file
     assert m["inputs"] == [{"path": str(data), "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}]
     assert m["parent"]["model"] == "builtin:micro"
     assert {"python", "rlhf", "torch", "transformers", "safetensors"} <= set(m["versions"])

@@ -21,9 +21,10 @@ import pytest
 from conftest import run_cli, write_jsonl
 
 from rlhf_cli.cli import main
+from rlhf_cli.data.records import Item
 from rlhf_cli.evals.length_control import length_controlled
 from rlhf_cli.evals.winrate import WinrateConfig, run, winrate_stats
-from rlhf_cli.judges.base import Ask, Item, PairJudge, ScoreJudge, Verdict
+from rlhf_cli.judges.base import Ask, PairJudge, ScoreJudge, Verdict
 
 ALPACA = Path("/work/shared/data/alpaca_eval")
 ANNOTATIONS = ALPACA / "results/alpaca-7b/weighted_alpaca_eval_gpt4_turbo/annotations.json"

@@ -33,8 +33,9 @@ RIGHT, LEFT, CTRL_C = "\x1b[C", "\x1b[D", "\x03"
 # The driver: builds Items from rows, asks the judge, prints one JSON line per verdict as it is yielded.
 DRIVER = r"""
 import json, sys
+from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.judges.base import Ask, Item, JudgeOptions
+from rlhf_cli.judges.base import Ask, JudgeOptions
 from rlhf_cli.judges.human import HumanJudge
 
 spec = json.loads(sys.argv[1])

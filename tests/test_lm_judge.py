@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
+from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.judges import build_judge
-from rlhf_cli.judges.base import Ask, Item, JudgeOptions
+from rlhf_cli.judges.base import Ask, JudgeOptions
 from rlhf_cli.judges.lm import LocalLMJudge
 from rlhf_cli.judges.template import BUILTIN, load_template
 

@@ -18,7 +18,8 @@ from conftest import run_cli, write_jsonl
 
 from rlhf_cli.cli import main
 from rlhf_cli.commands.pairwise import PairwiseConfig, run
-from rlhf_cli.judges.base import Ask, Item, PairJudge, ScoreJudge, Verdict
+from rlhf_cli.data.records import Item
+from rlhf_cli.judges.base import Ask, PairJudge, ScoreJudge, Verdict
 
 
 class FakePairJudge:
@@ -197,8 +198,8 @@ def test_sample_rows_without_ids_get_the_ids_sample_assigns(tmp_path: Path) -> N
         ([{"completions": ["x", "y"]}], "rule:exact", "in.jsonl:1: no 'prompt' or 'messages' field"),
         ([{"prompt": "a", "completions": ["x", 3]}], "rule:exact", "in.jsonl:1: 'completions' must be a list of strings"),
         ([{"prompt": "a", "completions": ["x", "y"], "answer": "x"}, {"prompt": "b", "completions": ["x", "y"]}],
-         "rule:exact", "in.jsonl:2: the judge could not score this row (no reference field 'answer')"),
-        ([{"prompt": "a", "completions": ["x", "y"]}], "rule:exact", "the judge could score no row (no row has the reference field 'answer')"),
+         "rule:exact", "in.jsonl:2: no reference field 'answer', so the judge cannot score this row (1 of 2 rows lack it)"),
+        ([{"prompt": "a", "completions": ["x", "y"]}], "rule:exact", "in.jsonl:1: no reference field 'answer', and no other row has one either"),
         ([{"prompt": "a", "completions": ["x", "y"], "answer": "x"}], "rule:nope", "unknown rule"),
     ],
 )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from sft_helpers import assert_same_weights, free_port, leftovers, load_weights,
 
 from rlhf_cli.cli import main
 from rlhf_cli.commands.ppo import PpoConfig, run
+from rlhf_cli.config import build, update
 
 RULES = '''
 import math, os
@@ -52,9 +52,9 @@ def rules(tmp_path):
 
 
 def cfg_for(prompts, rules, out, fn="lower", **kw) -> PpoConfig:
-    base = PpoConfig(prompts=str(prompts), out=str(out), policy="builtin:micro", judge=f"rule:{rules}:{fn}", batch_size=8,
+    base = build(PpoConfig, prompts=str(prompts), out=str(out), model="builtin:micro", judge=f"rule:{rules}:{fn}", batch_size=8,
                      minibatch_size=4, max_new_tokens=8, max_steps=3, lr=1e-2, no_eos_penalty=0.0, save_every=0, device="cpu")
-    return replace(base, **kw)
+    return update(base, **kw)
 
 
 def call(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -74,7 +74,7 @@ def strip(rows):
 def test_help_shows_the_contract_and_examples(capsys):
     code, out, _ = call(["ppo", "--help"], capsys)
     assert code == 0
-    for text in ("Examples", "rlhf ppo prompts.jsonl --policy sft/ --reward rm/ --out ppo/", "--kl-target", "--ptx",
+    for text in ("Examples", "rlhf ppo prompts.jsonl -m sft/ --reward rm/ --out ppo/", "--policy", "--kl-horizon", "--config", "--kl-target", "--ptx",
                  "--no-eos-penalty", "--value-init", "--offload", "exit 3"):
         assert text in out
 
@@ -135,6 +135,29 @@ def test_proof_mean_reward_rises_on_a_toy_task(tmp_path, prompts, rules):
     assert not Path(f"{cfg.out}-state").exists() and leftovers(tmp_path) == []
 
 
+def test_every_trainable_parameter_changes(tmp_path, prompts, rules, monkeypatch):
+    """Policy and value: every trainable tensor moves in two PPO steps (nothing frozen by mistake, no
+    parameter outside the optimizer or the graph); the frozen reference does not move."""
+    from rlhf_cli import training
+
+    seen = {}
+    real_start = training.start
+
+    def spy(env, opts, model, *a, **k):
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        seen["s"] = real_start(env, opts, model, *a, **k)
+        return seen["s"]
+
+    monkeypatch.setattr(training, "start", spy)
+    run(cfg_for(prompts, rules, tmp_path / "ppo", max_steps=2, ref="builtin:micro"))
+    after = dict(seen["s"].model.named_parameters())
+    before = seen["before"]
+    assert {n.split(".")[0] for n in before} == {"policy", "value"} and len(before) > 10
+    unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
+    assert unchanged == []
+    assert len(seen["s"].params) == len(before)  # the optimizer holds exactly the trainable tensors
+
+
 def test_same_seed_same_run_with_or_without_offloading(tmp_path, prompts, rules):
     a, b = (run(cfg_for(prompts, rules, tmp_path / name, max_steps=2, offload=name == "b")) for name in ("a", "b"))
     assert strip([a]) == strip([b])
@@ -176,7 +199,7 @@ def test_resume_refuses_changed_options(tmp_path, prompts, rules, monkeypatch):
     with pytest.raises(TrainingStopped):
         run(cfg)
     with pytest.raises(RlhfError, match="different options"):
-        run(replace(cfg, resume=True, batch_size=4))
+        run(update(cfg, resume=True, batch_size=4))
 
 
 # ---------------------------------------------------------------- the models
@@ -186,7 +209,8 @@ def test_rollout_logprobs_match_sample_and_the_first_update_has_ratio_one(tmp_pa
     """The rollout's old log-probs come from the sampler itself; they equal the teacher-forced ones of
     `sample --logprobs` for the same tokens, and a training forward of the unchanged policy reproduces
     them (ratio 1 before any step) -- also at a sampling temperature other than 1."""
-    from rlhf_cli.generation import SamplingParams, generate, render_prompt
+    from rlhf_cli.data.records import render_prompt
+    from rlhf_cli.generation import SamplingParams, generate
     from rlhf_cli.rollout import collect, setup_models
 
     cfg = cfg_for(prompts, rules, tmp_path / "ppo")
@@ -243,7 +267,7 @@ def rm_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("rm")
     data = write_jsonl(root, "prefs.jsonl", [{"prompt": f"What is {i}+1?", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(16)])
-    train_rm(RmConfig(data=str(data), out=str(root / "rm"), model="builtin:micro", max_steps=2, batch_size=8, lr=1e-2,
+    train_rm(build(RmConfig, data=str(data), out=str(root / "rm"), model="builtin:micro", max_steps=2, batch_size=8, lr=1e-2,
                       save_every=0, device="cpu", max_len=64))
     return root / "rm"
 
@@ -253,7 +277,7 @@ def test_value_model_starts_as_the_reward_model_in_the_normalised_scale(tmp_path
     from rlhf_cli.models.reward import load_for_scoring, token_values
     from rlhf_cli.rollout import setup_models
 
-    cfg = replace(cfg_for(prompts, rules, tmp_path / "ppo"), judge=None, reward=str(rm_dir))
+    cfg = update(cfg_for(prompts, rules, tmp_path / "ppo"), judge=None, reward=str(rm_dir))
     m = setup_models(cfg, "cpu", "fp32")
     assert m.value_from == "reward"
     stats = manifest(rm_dir)["metrics"]
@@ -270,10 +294,10 @@ def test_value_model_starts_as_the_reward_model_in_the_normalised_scale(tmp_path
         v = token_values(m.pv.value, ids, mask, 3, 3)
         r = token_values(rm_model, ids, mask, 3, 3)
     torch.testing.assert_close(v, r / std, atol=1e-5, rtol=1e-5)
-    m2 = setup_models(replace(cfg, value_init="policy"), "cpu", "fp32")
+    m2 = setup_models(update(cfg, value_init="policy"), "cpu", "fp32")
     assert m2.value_from == "policy" and not torch.equal(m2.pv.value.state_dict()["score.weight"], rm["score.weight"] / std)
 
-    last = run(replace(cfg, max_steps=2, offload=True))  # offload: the RM moves to the device for scoring only
+    last = run(update(cfg, max_steps=2, offload=True))  # offload: the RM moves to the device for scoring only
     # normalised score = (raw - mean) / std with no EOS penalty (all 8-token answers are cut off and penalty is 0)
     assert last["reward_norm"] == pytest.approx((last["reward"] - mean) / std, rel=1e-4)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 import sys
@@ -11,7 +12,15 @@ import sys
 import pytest
 from conftest import write_jsonl
 
-from rlhf_cli.data.jsonl import Line, atomic_file, read_jsonl, truncate_partial_last_line, write_jsonl_atomic
+from rlhf_cli.data.jsonl import (
+    Line,
+    atomic_file,
+    iter_jsonl,
+    load_records,
+    read_jsonl,
+    truncate_partial_last_line,
+    write_jsonl_atomic,
+)
 from rlhf_cli.data.records import assign_ids, content_id, parse_prompt_row, parse_sft_row
 from rlhf_cli.errors import RlhfError
 
@@ -77,6 +86,30 @@ def test_read_jsonl_stdin(monkeypatch) -> None:
         read_jsonl("-")
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"a": 1}\n')))
     assert read_jsonl("-")[0].where == "<stdin>:1"
+
+
+def test_nan_tokens_only_where_asked(tmp_path) -> None:
+    """Python's json module writes NaN / Infinity; only a reader that opts in (`rlhf plot`) takes them."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1, "loss": NaN}\n{"step": 2, "loss": -Infinity}\n')
+    with pytest.raises(RlhfError, match=r"m.jsonl:1: malformed JSON"):
+        read_jsonl(str(path))
+    rows = [line.data for line in iter_jsonl(str(path), nan_ok=True)]
+    assert math.isnan(rows[0]["loss"]) and rows[1]["loss"] == -math.inf
+    path.write_text('{"step": 1}\n{"step": oops}\n')
+    with pytest.raises(RlhfError, match=r"m.jsonl:2: malformed JSON"):
+        list(iter_jsonl(str(path), nan_ok=True))
+
+
+def test_load_records_reads_a_json_array_with_line_numbers(tmp_path) -> None:
+    path = tmp_path / "set.json"
+    path.write_text('[\n  {"a": 1},\n  {"a": 2,\n   "b": 3}\n]\n')
+    assert [(ln.data, ln.lineno) for ln in load_records(str(path))] == [({"a": 1}, 2), ({"a": 2, "b": 3}, 3)]
+    path.write_text('[{"a": 1}, 2]')
+    with pytest.raises(RlhfError, match=r"set.json:1: expected a JSON object, got int"):
+        load_records(str(path))
+    jsonl = write_jsonl(tmp_path, "rows.jsonl", [{"a": 1}])
+    assert load_records(str(jsonl))[0].data == {"a": 1}
 
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path) -> None:

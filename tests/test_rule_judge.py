@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.judges import JudgeOptions, build_judge
-from rlhf_cli.judges.base import Item, ScoreJudge
+from rlhf_cli.judges.base import ScoreJudge
 from rlhf_cli.judges.rule import gsm8k_number, last_number, normalise
 
 
@@ -20,7 +21,7 @@ def item(completions: list[str], **row) -> Item:
 
 
 def scores(spec: str, completions: list[str], reference: str = "answer", **row) -> list[float | None]:
-    judge = build_judge(spec, JudgeOptions(reference=reference))
+    judge = build_judge(spec, JudgeOptions(reference_field=reference))
     assert isinstance(judge, ScoreJudge)
     return judge.score([item(completions, **row)])[0]
 

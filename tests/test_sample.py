@@ -20,10 +20,11 @@ from typing import Any
 import orjson
 import pytest
 import torch
-from conftest import run_cli, write_jsonl
+from conftest import GREEDY_MARGIN, greedy_margin, run_cli, write_jsonl
 
 from rlhf_cli.commands.sample import SampleConfig, run
-from rlhf_cli.generation import SamplingParams, generate, render_prompt
+from rlhf_cli.data.records import render_prompt
+from rlhf_cli.generation import SamplingParams, generate
 from rlhf_cli.models.builtin import build_model, build_tokenizer
 
 EOS = 258  # <|im_end|> in the builtin tokenizer
@@ -50,6 +51,17 @@ def _lively(tok: Any) -> Any:
         head = model.get_output_embeddings().weight  # tied to the input embeddings
         head[EOS] = head[EOS_LIKE] * 1.05
     return model
+
+
+def _micro(tok: Any) -> Any:
+    """builtin:micro as `sample` loads it."""
+    from rlhf_cli.models.loading import load_model, parse_model_spec
+
+    return load_model(parse_model_spec("builtin:micro"), tok).eval()
+
+
+def _chat(tok: Any, row: dict[str, Any]) -> list[int]:
+    return render_prompt(tok, row.get("prompt"), row.get("messages"), "chat")
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +107,15 @@ def completions(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 
 
 @pytest.mark.parametrize("model", ["builtin:micro", "lively"])
-def test_batched_greedy_equals_each_prompt_alone(tmp_path: Path, lively_dir: Path, model: str) -> None:
+def test_batched_greedy_equals_each_prompt_alone(tmp_path: Path, lively_dir: Path, lively: tuple[Any, Any], tok: Any,
+                                                 model: str) -> None:
+    lm = lively[0] if model == "lively" else _micro(tok)
     model = str(lively_dir) if model == "lively" else model
     batched = sample(tmp_path, PROMPTS, "b.jsonl", model=model, temperature=0, max_new_tokens=16, batch_size=6, logprobs=True)
     alone = sample(tmp_path, PROMPTS, "a.jsonl", model=model, temperature=0, max_new_tokens=16, batch_size=1, logprobs=True)
     assert len({r["prompt_tokens"] for r in batched}) >= 4  # the batch really was padded
+    for src, r in zip(PROMPTS, alone, strict=True):  # no near-tie: padding's rounding cannot flip an argmax
+        assert greedy_margin(lm, _chat(tok, src), r["completion_token_ids"][0]) > GREEDY_MARGIN
     assert completions(batched) == completions(alone)
     assert [r["completion_token_ids"] for r in batched] == [r["completion_token_ids"] for r in alone]
     if model != "builtin:micro":  # rows that finish early leave the batch without disturbing the rest
@@ -119,6 +135,7 @@ def test_greedy_equals_hand_rolled_argmax_loop(lively: tuple[Any, Any]) -> None:
                 seq.append(t)
                 if t == EOS:
                     break
+        assert greedy_margin(model, ids, want) > GREEDY_MARGIN  # batched + cached vs alone + uncached: no near-tie
         assert comp.token_ids == want
 
 
@@ -127,6 +144,8 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(lively: tuple[Any, Any]) -> None:
     prompts = [render_prompt(tok, p["prompt"], None, "chat") for p in PROMPTS[:3]]
     greedy = generate(model, tok, prompts, SamplingParams(temperature=0, max_new_tokens=8), "cpu", seed=0)
     ids = [[c.token_ids for c in cs] for cs in greedy]
+    # n=2 doubles the batch, and dividing by the temperature rounds: the argmax must not be a near-tie
+    assert all(greedy_margin(model, p, i) > GREEDY_MARGIN for p, (i,) in zip(prompts, ids, strict=True))
     for seed in (1, 2):
         top_k = generate(model, tok, prompts, SamplingParams(temperature=1.5, top_k=1, max_new_tokens=8, n=2), "cpu", seed)
         top_p = generate(model, tok, prompts, SamplingParams(temperature=1.5, top_p=1e-6, max_new_tokens=8), "cpu", seed)
@@ -281,6 +300,7 @@ def test_left_padding_for_other_architectures(kind: str, tok: Any) -> None:
     batched = generate(model, tok, prompts, params, "cpu", seed=0)
     for prompt, (comp,) in zip(prompts, batched, strict=True):
         [(alone,)] = generate(model, tok, [prompt], params, "cpu", seed=0)
+        assert greedy_margin(model, prompt, alone.token_ids) > GREEDY_MARGIN
         assert comp.token_ids == alone.token_ids
     assert len({tuple(c.token_ids) for (c,) in batched}) > 1  # not one output for every prompt
 
@@ -307,7 +327,8 @@ def test_pad_token_equal_to_eos(lively: tuple[Any, Any]) -> None:
     got = generate(model, tok_pe, prompts, params, "cpu", seed=0, logprobs=True)
     alone = [generate(model, tok_pe, [p], params, "cpu", seed=0)[0] for p in prompts]
     assert {cs[0].finish_reason for cs in got} == {"stop", "length"}
-    for w, g, a in zip(want, got, alone, strict=True):
+    for p, w, g, a in zip(prompts, want, got, alone, strict=True):
+        assert greedy_margin(model, p, a[0].token_ids) > GREEDY_MARGIN  # batched vs alone: no near-tie
         assert (g[0].token_ids, g[0].finish_reason, g[0].text) == (w[0].token_ids, w[0].finish_reason, w[0].text)
         assert g[0].token_ids == a[0].token_ids
         assert g[0].logprobs == pytest.approx(w[0].logprobs, abs=1e-5)
@@ -396,7 +417,10 @@ def test_head_1_exits_quickly_and_quietly(tmp_path: Path) -> None:
         ["--temperature", "0", "-n", "2"],
         ["--temperature", "-1"],
         ["--max-new-tokens", "0"],
-        ["--resume", "a.jsonl", "--output", "b.jsonl"],
+        ["--resume"],  # resumes into --output FILE: stdout cannot be appended to
+        ["--resume", "a.jsonl"],  # the old `--resume FILE`
+        ["--format", "plain"],
+        ["--dtype", "fp8"],
     ],
 )
 def test_bad_options_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -433,17 +457,26 @@ def test_resume_after_a_half_written_row(tmp_path: Path) -> None:
     killed = tmp_path / "killed.jsonl"
     killed.write_bytes(b"".join(lines[:4]) + lines[4][:25])  # 4 rows and half of the 5th
     assert cli(["sample", str(prompts), "-m", "builtin:micro", "--temperature", "0", "--max-new-tokens", "3",
-                "-b", "3", "--resume", str(killed)]) == 0
+                "-b", "3", "--output", str(killed), "--resume"]) == 0
     got = killed.read_bytes()
     assert got.endswith(b"\n")
     rows = [orjson.loads(line) for line in got.splitlines()]
     assert [r["i"] for r in rows] == list(range(10))  # each prompt once, new ones in input order
     assert got.splitlines(keepends=True)[:4] == lines[:4]  # the finished rows are left alone
-    assert got == full.read_bytes()  # greedy: the resumed rows are the ones an unbroken run writes
-    assert cli(["sample", str(prompts), "-m", "builtin:micro", "--resume", str(killed)]) == 0  # nothing left
+    # greedy: the resumed rows are the ones an unbroken run writes, though its batches of 3 start at other rows,
+    # as no argmax is a near-tie
+    tok = build_tokenizer()
+    micro = _micro(tok)
+    for i in range(10):
+        prompt = render_prompt(tok, f"question {i}", None, "chat")
+        [(c,)] = generate(micro, tok, [prompt], SamplingParams(temperature=0, max_new_tokens=3), "cpu", seed=0)
+        assert greedy_margin(micro, prompt, c.token_ids) > GREEDY_MARGIN
+    assert got == full.read_bytes()
+    assert cli(["sample", str(prompts), "-m", "builtin:micro", "-o", str(killed), "--resume"]) == 0  # nothing left
     assert killed.read_bytes() == got
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(tmp_path: Path) -> None:
     prompts = write_jsonl(tmp_path, "p.jsonl", [{"prompt": f"prompt {i}", "i": i} for i in range(40)])
     out = tmp_path / "out.jsonl"
@@ -461,7 +494,22 @@ def test_resume_after_kill_9(tmp_path: Path) -> None:
     before = out.read_bytes().count(b"\n")
     assert 3 <= before < 40, "the run should be killed part way"
     assert cli(["sample", str(prompts), "-m", "builtin:micro", "--max-new-tokens", "16", "-b", "1", "-n", "2",
-                "--resume", str(out)]) == 0
+                "--resume", "--output", str(out)]) == 0
     rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     assert [r["i"] for r in rows] == list(range(40))
     assert all(len(r["completions"]) == 2 for r in rows)
+
+
+@pytest.mark.parametrize("order", ["after", "before"])
+def test_the_old_resume_file_spelling_is_refused_naming_the_new_one(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                   order: str) -> None:
+    """`--resume FILE` cannot keep working: Typer has no switch that also takes a value, and once parsed
+    `P --resume F` and `--resume F P` look alike, so a guess could append samples to the prompt file."""
+    prompts = write_jsonl(tmp_path, "p.jsonl", [{"prompt": "hi"}])
+    before = prompts.read_bytes()
+    old = tmp_path / "old.jsonl"
+    argv = [str(prompts), "--resume", str(old)] if order == "after" else ["--resume", str(old), str(prompts)]
+    assert cli(["sample", *argv, "-m", "builtin:micro"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unexpected extra argument" in err and "`--output FILE --resume`" in err
+    assert not old.exists() and prompts.read_bytes() == before

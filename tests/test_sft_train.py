@@ -123,8 +123,12 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, data):
     recompute = sft_config(data, tmp_path / "recompute", gradient_checkpointing=True)
     run(plain)
     run(recompute)
-    assert metrics_rows(plain.out, drop_timing=True) == metrics_rows(recompute.out, drop_timing=True)
-    assert_same_weights(load_weights(plain.out), load_weights(recompute.out), atol=0)
+    # another code path (the forward runs again inside backward): the same numbers up to rounding, not bit for bit
+    a, b = metrics_rows(plain.out, drop_timing=True), metrics_rows(recompute.out, drop_timing=True)
+    assert [r.keys() for r in a] == [r.keys() for r in b]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra == pytest.approx(rb, rel=1e-5, abs=1e-7)
+    assert_same_weights(load_weights(plain.out), load_weights(recompute.out), atol=1e-6)
 
 
 def test_same_seed_same_metrics_other_seed_differs(tmp_path, data):

@@ -8,7 +8,7 @@ share the output of rlhf_cli/evals/base.py: one JSON summary line on stdout, a t
     rlhf eval mc mmlu/test/ --dev mmlu/dev/ --shots 5 -m sft/
     rlhf eval code HumanEval.jsonl.gz -m sft/ -n 10 --allow-code-exec
     rlhf eval winrate outputs.json --reference reference.json --judge api:gpt-4o-mini
-    rlhf eval rm prefs.jsonl --reward rm/
+    rlhf eval rm prefs.jsonl -m rm/
     rlhf eval ppl texts.jsonl -m sft/
 """
 

@@ -7,23 +7,25 @@ as each prompt finishes. A summary goes to stderr, `--report` writes it as JSON.
 
     rlhf pairwise samples.jsonl --judge rule:gsm8k --reference answer > pairs.jsonl
     rlhf pairwise samples.jsonl --judge api:gpt-4o-mini --max-cost 2 --output pairs.jsonl
-    rlhf pairwise samples.jsonl --judge api:gpt-4o-mini --max-cost 2 --resume pairs.jsonl
+    rlhf pairwise samples.jsonl --judge api:gpt-4o-mini --max-cost 2 --output pairs.jsonl --resume
     rlhf pairwise testset-v1.json --judge lm:SmolLM2-135M-Instruct --against testset-v1.json --report r.json
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, cast
 
 import typer
 
+from rlhf_cli.config import from_cli
 from rlhf_cli.console import info, warn
+from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.judges import combine
-from rlhf_cli.judges.base import Ask, Item, JudgeOptions, PairJudge, ScoreJudge, Verdict
+from rlhf_cli.judges.base import Ask, JudgeOptions, PairJudge, ScoreJudge, Verdict
 from rlhf_cli.judges.combine import Decision, Tally
 from rlhf_cli.options import (
     JUDGE_PANEL,
@@ -31,63 +33,80 @@ from rlhf_cli.options import (
     BaseUrlOpt,
     CacheDirOpt,
     ConcurrencyOpt,
+    ConfigOpt,
     DeviceOpt,
     DtypeOpt,
     MaxCostOpt,
+    OutputOpt,
     PricesOpt,
     SeedOpt,
+    StreamResumeOpt,
     TemplateOpt,
     TrustOpt,
+    refuse_extra_args,
 )
 
 EXIT_STOPPED = 3  # the judge stopped early (--max-cost, a human's quit): rows so far kept, resumable
 
 
+JUDGE = JudgeOptions()
+
+
 @dataclass(frozen=True)
 class PairwiseConfig:
     samples: str
-    judge: str
+    judge: str | None = None  # a judge spec, e.g. rule:exact, lm:MODEL, api:MODEL, human
     output: str = "-"
-    resume: bool = False
+    resume: bool = False  # append to `output`, skipping prompts already finished in it
     ranking: bool = False
     max_pairs: int | None = None
     both_orders: bool | None = None  # None: both for lm and api judges, one order for human
     keep_ties: bool = False
     flip_prob: float = 0.0
-    seed: int = 0
     report: str | None = None
     against: str | None = None
-    resamples: int = 1000
-    judge_options: JudgeOptions = field(default_factory=JudgeOptions)
+    resamples: int = 1000  # bootstrap resamples for the --against intervals
+    judge_options: JudgeOptions = JUDGE  # the judge's knobs and --seed; flat on the command line and in --config
+
+    COMMAND: ClassVar[str] = "pairwise"
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"resamples", "max_retries", "timeout"})  # --config FILE
+    LIMITS: ClassVar[dict[str, Any]] = {"max_pairs": ">= 1", "flip_prob": "[0, 1]", "resamples": ">= 1"}
+
+    @property
+    def seed(self) -> int:
+        """One seed for the pair plan, the order coin, --flip-prob and the judge."""
+        return self.judge_options.seed
 
 
 def command(
-    samples: Annotated[str, typer.Argument(help="Sample rows (JSONL from `rlhf sample`), a labelled pairwise set, or '-'.")],
-    judge: Annotated[str, typer.Option("--judge", "-j", help="rule:exact | rule:last-number | rule:gsm8k | rule:regex:PATTERN | rule:FILE.py:FN | rm:PATH | lm:MODEL | api:MODEL | human.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="Write rows to this file instead of stdout.")] = "-",
-    resume: Annotated[str | None, typer.Option("--resume", help="Append to this file, skipping prompts already finished in it.")] = None,
-    ranking: Annotated[bool, typer.Option("--ranking", help="One ranking row per prompt instead of pair rows.")] = False,
-    max_pairs: Annotated[int | None, typer.Option("--max-pairs", help="Judge a seeded random N of each prompt's C(K,2) pairs.")] = None,
-    both_orders: Annotated[bool | None, typer.Option("--both-orders/--one-order", help="Pair judges: ask A|B and B|A; disagreement is a tie. Default: both for lm and api, one for human.", show_default=False)] = None,
-    keep_ties: Annotated[bool, typer.Option("--keep-ties", help="Write tied pairs too, marked \"tie\": true.")] = False,
-    flip_prob: Annotated[float, typer.Option("--flip-prob", help="Flip each decided preference with this probability (simulated label noise).")] = 0.0,
-    seed: SeedOpt = 0,
-    report: Annotated[str | None, typer.Option("--report", help="Write the run's summary as JSON to this file.")] = None,
-    against: Annotated[str | None, typer.Option("--against", help="Human labels to agree with: [pandalm:|llmbar:|jsonl:]FILE.")] = None,
-    reference: Annotated[str, typer.Option("--reference", help="rule: the row field holding the reference answer.", rich_help_panel=JUDGE_PANEL)] = "answer",
-    template: TemplateOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
-    concurrency: ConcurrencyOpt = 4,
-    prices: PricesOpt = None,
-    max_cost: MaxCostOpt = None,
-    cache_dir: CacheDirOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="lm / rm: sequences per forward pass.", rich_help_panel=JUDGE_PANEL)] = 8,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    trust_remote_code: TrustOpt = False,
+    ctx: typer.Context,
+    samples: Annotated[str, typer.Argument(help="Sample rows (JSONL from `rlhf sample`), a labelled pairwise set, or '-'.", show_default=False)],
+    judge: Annotated[str | None, typer.Option("--judge", "-j", help="rule:exact | rule:last-number | rule:gsm8k | rule:regex:PATTERN | rule:FILE.py:FN | rm:PATH | lm:MODEL | api:MODEL | human.", show_default=False)] = PairwiseConfig.judge,
+    output: OutputOpt = PairwiseConfig.output,
+    resume: StreamResumeOpt = PairwiseConfig.resume,
+    ranking: Annotated[bool, typer.Option("--ranking", help="One ranking row per prompt instead of pair rows.")] = PairwiseConfig.ranking,
+    max_pairs: Annotated[int | None, typer.Option("--max-pairs", help="Judge a seeded random N of each prompt's C(K,2) pairs.")] = PairwiseConfig.max_pairs,
+    both_orders: Annotated[bool | None, typer.Option("--both-orders/--one-order", help="Pair judges: ask A|B and B|A; disagreement is a tie. Default: both for lm and api, one for human.", show_default=False)] = PairwiseConfig.both_orders,
+    keep_ties: Annotated[bool, typer.Option("--keep-ties", help="Write tied pairs too, marked \"tie\": true.")] = PairwiseConfig.keep_ties,
+    flip_prob: Annotated[float, typer.Option("--flip-prob", help="Flip each decided preference with this probability (simulated label noise).")] = PairwiseConfig.flip_prob,
+    seed: SeedOpt = JUDGE.seed,
+    report: Annotated[str | None, typer.Option("--report", help="Write the run's summary as JSON to this file.")] = PairwiseConfig.report,
+    against: Annotated[str | None, typer.Option("--against", help="Human labels to agree with: [pandalm:|llmbar:|jsonl:]FILE.")] = PairwiseConfig.against,
+    reference_field: Annotated[str, typer.Option("--reference", help="rule / human: the row field holding the reference answer.", rich_help_panel=JUDGE_PANEL)] = JUDGE.reference_field,
+    template: TemplateOpt = JUDGE.template,
+    base_url: BaseUrlOpt = JUDGE.base_url,
+    api_key_env: ApiKeyEnvOpt = JUDGE.api_key_env,
+    concurrency: ConcurrencyOpt = JUDGE.concurrency,
+    prices: PricesOpt = JUDGE.prices,
+    max_cost: MaxCostOpt = JUDGE.max_cost,
+    cache_dir: CacheDirOpt = JUDGE.cache_dir,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="lm / rm: sequences per forward pass.", rich_help_panel=JUDGE_PANEL)] = JUDGE.batch_size,
+    device: DeviceOpt = JUDGE.device,
+    dtype: DtypeOpt = JUDGE.dtype,
+    trust_remote_code: TrustOpt = JUDGE.trust_remote_code,
+    config: ConfigOpt = None,
 ) -> None:
-    """Judge the pairs of each prompt's completions; one pair row per decided pair on stdout.
+    """Judge the pairs of each prompt's completions; one pair row per decided pair on stdout (or --output FILE).
 
     Pair row: {"id": "PROMPT_ID:I-J", "prompt" (or "messages"), "chosen", "rejected",
     "margin"?, "judge": {kind, name, verdicts, shown, p_chosen, cost, cached, orders}} + the sample
@@ -95,6 +114,7 @@ def command(
     Label files (--against, or as input): PandaLM testset-v1.json, LLMBar dataset.json (also its
     Processed MT-Bench, FairEval, LLMEval2), or JSONL {"prompt", "completions": [a, b], "label": 0|1|"tie"}.
     Exit codes: 0 done, 2 bad input, 3 the judge stopped early (rows so far kept; --resume continues).
+    --config FILE also sets the api judge's max-retries and timeout (seconds per request).
 
     Examples:
 
@@ -104,51 +124,46 @@ def command(
 
       rlhf pairwise samples.jsonl --judge lm:HuggingFaceTB/SmolLM2-135M-Instruct --report report.json
 
-      rlhf pairwise samples.jsonl --judge api:gpt-4o-mini --max-cost 2 --resume pairs.jsonl
+      rlhf pairwise samples.jsonl --judge api:gpt-4o-mini --max-cost 2 -o pairs.jsonl --resume
+
+      rlhf pairwise samples.jsonl --config judge.yaml -o pairs.jsonl   # judge, base-url, prices ...
 
       rlhf pairwise testset-v1.json --judge lm:sft/ --one-order --against testset-v1.json
     """
-    if resume and output != "-":
-        raise RlhfError("give --output or --resume, not both", "--resume FILE appends to FILE")
-    opts = JudgeOptions(
-        reference=reference, template=template, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
-        cache_dir=cache_dir, prices=prices, max_cost=max_cost, device=device, dtype=dtype, batch_size=batch_size,
-        trust_remote_code=trust_remote_code, seed=seed,
-    )
-    cfg = PairwiseConfig(
-        samples=samples, judge=judge, output=resume or output, resume=resume is not None, ranking=ranking,
-        max_pairs=max_pairs, both_orders=both_orders, keep_ties=keep_ties, flip_prob=flip_prob, seed=seed,
-        report=report, against=against, judge_options=opts,
-    )
-    if run(cfg)["stopped"]:
+    refuse_extra_args(ctx)
+    if run(from_cli(PairwiseConfig, ctx, locals(), config))["stopped"]:
         raise typer.Exit(EXIT_STOPPED)
 
 
-def _validate(cfg: PairwiseConfig) -> None:
-    if not 0.0 <= cfg.flip_prob <= 1.0:
-        raise RlhfError(f"--flip-prob must be in [0, 1], got {cfg.flip_prob}")
-    if cfg.max_pairs is not None and cfg.max_pairs < 1:
-        raise RlhfError("--max-pairs must be >= 1")
+def validate(cfg: PairwiseConfig) -> None:
+    from rlhf_cli.config import check
+
+    check(cfg)
+    if not cfg.judge:
+        raise RlhfError("no judge given", "e.g. --judge rule:exact, --judge lm:MODEL, --judge api:gpt-4o-mini or --judge human")
     if cfg.resume and cfg.output == "-":
-        raise RlhfError("--resume needs a file", "--resume pairs.jsonl")
+        raise RlhfError("--resume needs the --output FILE to continue", "e.g. -o pairs.jsonl --resume")
 
 
 def run(cfg: PairwiseConfig, judge: ScoreJudge | PairJudge | None = None) -> dict[str, Any]:
     """Judge, write rows, print the summary; returns the report. `judge` overrides `cfg.judge` (tests)."""
-    from rlhf_cli.agreement import LabelIndex, read_items, read_labels
+    from rlhf_cli.data.labels import read_items
     from rlhf_cli.judges import build_judge
+    from rlhf_cli.judges.agreement import LabelIndex, read_labels
     from rlhf_cli.metrics import progress_bar
 
     # 1. read and validate all input (samples, labels, resume file) before building the judge
-    _validate(cfg)
+    validate(cfg)
     fmt, items = read_items(cfg.samples)
     labels = LabelIndex(read_labels(cfg.against)[1]) if cfg.against else None
     done = resume_state(cfg.output) if cfg.resume else set()
     todo = [it for it in items if str(it.id) not in done]
     if done:
         info(f"resume: {len(items) - len(todo)} of {len(items)} prompts already in {cfg.output}")
-    judge = judge or build_judge(cfg.judge, replace(cfg.judge_options, seed=cfg.seed))
+    judge = judge or build_judge(cfg.judge, cfg.judge_options)  # type: ignore[arg-type]
     desc = judge.describe()
+    if judge.kind == "rule" and desc.get("reference"):
+        _check_references(todo, desc["reference"])  # before the progress bar starts and anything is written
     tally = Tally(labels)
     writer = PromptWriter(cfg.output, cfg.resume)
     bar = progress_bar(judge.kind != "human")  # the human judge owns the terminal
@@ -191,7 +206,7 @@ def run(cfg: PairwiseConfig, judge: ScoreJudge | PairJudge | None = None) -> dic
     if stopped:
         warn(f"the judge stopped early ({stopped}): {tally.prompts} of {len(todo)} prompts finished and written")
         if cfg.output != "-":
-            info(f"continue with the same command and --resume {cfg.output}")
+            info(f"continue: the same command with --output {cfg.output} --resume")
         else:
             info("the rows so far went to stdout; write to a file (--output FILE) so that --resume can continue")
     return report
@@ -203,8 +218,7 @@ def _score_all(cfg: PairwiseConfig, judge: ScoreJudge, todo: list[Item], tally: 
     chunk = max(1, len(todo)) if judge.kind == "rule" else 256
     for b in range(0, len(todo), chunk):
         part = todo[b : b + chunk]
-        scores = judge.score(part)
-        _check_scores(part, scores, first=b == 0, reference=judge.describe().get("reference"))
+        scores = _check_scores(part, judge.score(part))
         tally.asks += sum(len(it.completions) for it in part)
         for it, s in zip(part, scores, strict=True):
             pairs = combine.plan_pairs(it.id, it.completions, cfg.max_pairs, cfg.seed)
@@ -246,23 +260,34 @@ def _ask_all(cfg: PairwiseConfig, judge: PairJudge, todo: list[Item], tally: Tal
     return "the judge ended before answering every pair" if pending else None
 
 
-def _check_scores(part: list[Item], scores: list[list[float | None]], first: bool, reference: str | None) -> None:
-    """A completion the judge could not score (a row without the reference) is an input error."""
-    missing = [it for it, s in zip(part, scores, strict=True) if any(x is None for x in s)]
+def _check_references(items: list[Item], reference: str) -> None:
+    """Rule judges score against each row's reference field: a row without one is an input error
+    naming the first such row (and, when no row has one, the fields the rows do have)."""
+    missing = [it for it in items if it.row.get(reference) is None]
     if not missing:
         return
-    why = f" (no reference field {reference!r})" if reference else ""
-    if first and len(missing) == len(part):
-        seen = ", ".join(sorted(k for k in part[0].row if k not in combine.PER_COMPLETION))
-        hint = f"the rows have: {seen}; name the reference field with --reference FIELD" if reference else None
-        raise RlhfError(f"the judge could score no row{why.replace('no reference', 'no row has the reference')}", hint)
-    raise RlhfError(f"{missing[0].where}: the judge could not score this row{why}", "give every row a reference, or drop the rows without one")
+    first = missing[0]
+    if len(missing) < len(items):
+        raise RlhfError(f"{first.where}: no reference field {reference!r}, so the judge cannot score this row "
+                        f"({len(missing)} of {len(items)} rows lack it)", "give every row a reference, or drop the rows without one")
+    seen = ", ".join(sorted(k for k in first.row if k not in combine.PER_COMPLETION))
+    raise RlhfError(f"{first.where}: no reference field {reference!r}, and no other row has one either",
+                    f"the rows have: {seen}; name the reference field with --reference FIELD")
+
+
+def _check_scores(part: list[Item], scores: list[list[float | None]]) -> list[list[float]]:
+    """The scores, checked: a completion the judge could not score (a rule:FILE.py:FN that returned
+    None) is an input error."""
+    missing = next((it for it, s in zip(part, scores, strict=True) if any(x is None for x in s)), None)
+    if missing is not None:
+        raise RlhfError(f"{missing.where}: the judge could not score this row", "make the rule return a bool or a number for every row")
+    return cast("list[list[float]]", scores)  # no None left
 
 
 def make_report(t: Tally, cfg: PairwiseConfig, fmt: str, desc: dict[str, Any], n: int, resumed: int,
                 stopped: str | None, rows: int) -> dict[str, Any]:
     """The summary as a dict: what --report writes and the stderr table shows."""
-    from rlhf_cli.agreement import agreement_report
+    from rlhf_cli.judges.agreement import agreement_report
 
     def share(a: int, b: int) -> float | None:
         return a / b if b else None

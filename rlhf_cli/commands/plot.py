@@ -14,19 +14,18 @@ otherwise. Several files are overlaid so two runs compare; NaN, inf and missing 
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeGuard
 
-import orjson
 import typer
 
+from rlhf_cli.config import from_cli
 from rlhf_cli.console import info, warn
 from rlhf_cli.errors import RlhfError
+from rlhf_cli.options import ConfigOpt
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -36,9 +35,12 @@ if TYPE_CHECKING:
 class PlotConfig:
     files: tuple[str, ...]  # metrics.jsonl paths; '-' = stdin (once)
     output: str = "curves.png"
-    metrics: tuple[str, ...] = ()  # empty: panels chosen from what the files hold
+    metrics: tuple[str, ...] = ()  # empty: panels chosen from what the files hold; "a,b" entries are split
     smooth: int = 1  # trailing moving-average window; 1 = off
     x: str = "step"
+
+    COMMAND: ClassVar[str] = "plot"
+    LIMITS: ClassVar[dict[str, Any]] = {"smooth": ">= 1"}
 
 
 @dataclass(frozen=True)
@@ -80,14 +82,16 @@ _PPO_KEYS = {"policy_loss", "value_loss", "kl", "kl_coef", "reward_norm", "clipf
 
 
 def command(
-    files: Annotated[list[str], typer.Argument(help="metrics.jsonl files, or '-' for stdin; several are overlaid.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="PNG to write (atomically).")] = "curves.png",
-    metric: Annotated[
+    ctx: typer.Context,
+    files: Annotated[list[str], typer.Argument(help="metrics.jsonl files, or '-' for stdin; several are overlaid.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="PNG to write (atomically).")] = PlotConfig.output,
+    metrics: Annotated[
         list[str] | None,
         typer.Option("--metric", "-k", help="Plot this metric, one panel each (repeatable, or comma-separated)."),
     ] = None,
-    smooth: Annotated[int, typer.Option("--smooth", help="Moving-average window in rows for per-step metrics; the raw curve stays faint behind.")] = 1,
-    x: Annotated[str, typer.Option("--x", help="Numeric key for the x axis, e.g. step, epoch.")] = "step",
+    smooth: Annotated[int, typer.Option("--smooth", help="Moving-average window in rows for per-step metrics; the raw curve stays faint behind.")] = PlotConfig.smooth,
+    x: Annotated[str, typer.Option("--x", help="Numeric key for the x axis, e.g. step, epoch.")] = PlotConfig.x,
+    config: ConfigOpt = None,
 ) -> None:
     """Draw reward, KL and loss curves from metrics.jsonl files into one PNG.
 
@@ -106,14 +110,13 @@ def command(
 
       cat ppo-state/metrics.jsonl | rlhf plot - -o live.png
     """
-    names = [m.strip() for item in (metric or []) for m in item.split(",") if m.strip()]
-    run(PlotConfig(files=tuple(files), output=output, metrics=tuple(dict.fromkeys(names)), smooth=smooth, x=x))
+    run(from_cli(PlotConfig, ctx, {**locals(), "files": tuple(files), "metrics": tuple(metrics or ())}, config))
 
 
 # ---------------------------------------------------------------- pure helpers (tested directly)
 
 
-def is_number(v: Any) -> bool:
+def is_number(v: Any) -> TypeGuard[int | float]:
     """A finite int or float (JSON booleans are not numbers here)."""
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -183,55 +186,31 @@ def legend_labels(paths: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------- input
 
 
-def read_rows(path: str) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line. Like `iter_jsonl`, but also accepts the NaN /
-    Infinity tokens that Python's json module writes (orjson rejects them; our own writers emit null)."""
-    from rlhf_cli.data.jsonl import _open_text
-
-    name = "<stdin>" if path == "-" else path
-    f = _open_text(path)
-    rows = []
-    try:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError as e:
-                try:
-                    obj = json.loads(raw)
-                except ValueError:
-                    raise RlhfError(f"{name}:{lineno}: malformed JSON ({e.msg})", "each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise RlhfError(
-                    f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}",
-                    'each line must be one metrics object like {"step": 1, "loss": 2.3}',
-                )
-            rows.append((lineno, obj))
-    finally:
-        if f is not sys.stdin.buffer:
-            f.close()
-    if not rows:
-        raise RlhfError(f"{name}:1: file is empty, expected metrics rows", "point at the metrics.jsonl a training run wrote")
-    return rows
-
-
 def load_runs(cfg: PlotConfig) -> list[Run]:
-    """Read and check every file before anything is drawn or written."""
+    """Read and check every file before anything is drawn or written.
+
+    Rows written by Python's json module, with NaN / Infinity tokens, are read too (orjson rejects
+    them; our own writers emit null)."""
+    from rlhf_cli.data.jsonl import iter_jsonl
+
     labels = legend_labels(cfg.files)
     runs = []
     for path, label in zip(cfg.files, labels, strict=True):
-        name = "<stdin>" if path == "-" else path
+        lines = list(iter_jsonl(path, nan_ok=True, example='{"step": 1, "loss": 2.3}'))
+        if not lines:
+            name = "<stdin>" if path == "-" else path
+            raise RlhfError(f"{name}:1: file is empty, expected metrics rows", "point at the metrics.jsonl a training run wrote")
         rows = []
-        for lineno, row in read_rows(path):
+        for line in lines:
+            row = line.data
             if cfg.x not in row:
                 raise RlhfError(
-                    f"{name}:{lineno}: no {cfg.x!r} field in this row",
+                    f"{line.where}: no {cfg.x!r} field in this row",
                     "metrics rows need the x-axis key; choose another with --x KEY",
                 )
             if not is_number(row[cfg.x]):
                 raise RlhfError(
-                    f"{name}:{lineno}: {cfg.x!r} must be a finite number, got {row[cfg.x]!r}",
+                    f"{line.where}: {cfg.x!r} must be a finite number, got {row[cfg.x]!r}",
                     "choose a numeric x axis with --x KEY",
                 )
             rows.append(row)
@@ -239,18 +218,22 @@ def load_runs(cfg: PlotConfig) -> list[Run]:
     return runs
 
 
-def _validate(cfg: PlotConfig) -> None:
+def validate(cfg: PlotConfig) -> PlotConfig:
+    """Range checks and the input/output paths; returns `cfg` with --metric "a,b" entries split."""
+    from rlhf_cli.config import check
+
+    check(cfg)
     if not cfg.files:
         raise RlhfError("no metrics file given", "pass a metrics.jsonl path, or '-' for stdin")
     if cfg.files.count("-") > 1:
         raise RlhfError("stdin ('-') given more than once", "pass '-' at most once")
-    if cfg.smooth < 1:
-        raise RlhfError(f"--smooth must be >= 1; got {cfg.smooth}", "1 turns smoothing off")
     out = Path(cfg.output)
     if out.is_dir():
         raise RlhfError(f"{cfg.output}: is a directory, expected a PNG path", "pass -o curves.png")
     if any(f != "-" and Path(f).resolve() == out.resolve() for f in cfg.files):
         raise RlhfError(f"{cfg.output}: is also an input; it would be overwritten", "pass another -o path")
+    names = [m.strip() for item in cfg.metrics for m in item.split(",") if m.strip()]
+    return replace(cfg, metrics=tuple(dict.fromkeys(names)))
 
 
 # ---------------------------------------------------------------- drawing
@@ -307,7 +290,7 @@ def run(cfg: PlotConfig) -> Path:
     from rlhf_cli.data.jsonl import atomic_file
 
     # 1. read and check everything before touching the output
-    _validate(cfg)
+    cfg = validate(cfg)
     runs = load_runs(cfg)
     all_rows = [row for r in runs for row in r.rows]
     panels = pick_panels(all_rows, cfg.metrics, cfg.x)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, cast
 
 import typer
 
@@ -52,9 +52,12 @@ from rlhf_cli.options import (
 if TYPE_CHECKING:
     import torch
 
+    from rlhf_cli.data.records import PromptRow, SftRow
+    from rlhf_cli.data.sft_data import SftStream
+    from rlhf_cli.judges import JudgeOptions
+    from rlhf_cli.judges.base import ScoreJudge
     from rlhf_cli.losses.ppo import KLController
     from rlhf_cli.rollout import Models, Rollout
-    from rlhf_cli.runtime import Dist
     from rlhf_cli.training import Session
 
 PPO = "PPO"
@@ -96,6 +99,7 @@ class PpoConfig:
     train: TrainOptions = TRAIN
 
     COMMAND: ClassVar[str] = "ppo"
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"decay_frac", "min_lr_ratio", "grad_accum"})  # --config FILE
     LIMITS: ClassVar[dict[str, Any]] = {
         "format": ("chat", "raw"), "batch_size": ">= 1", "minibatch_size": ">= 1", "ppo_epochs": ">= 1",
         "max_new_tokens": ">= 1", "max_prompt_len": ">= 1", "temperature": "> 0", "kl_coef": ">= 0", "kl_target": "> 0",
@@ -214,22 +218,9 @@ def validate(cfg: PpoConfig, world: int) -> None:
 
 def run(cfg: PpoConfig) -> dict[str, Any]:
     """Train and save; returns the last step's metrics (also in OUT/rlhf.json)."""
-    import os
-
-    from rlhf_cli.data.jsonl import read_jsonl
-    from rlhf_cli.data.records import assign_ids, parse_prompt_row, parse_sft_row
-    from rlhf_cli.judges import JudgeOptions, build_judge
-
     # 0. validate everything cheap before touching torch (the judge spec and the rows too)
     t = cfg.train
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    rows = assign_ids([parse_prompt_row(line) for line in read_jsonl(cfg.prompts)])
-    ptx_rows = [parse_sft_row(line) for line in read_jsonl(cfg.ptx)] if cfg.ptx else []
-    if len(rows) < cfg.batch_size:
-        raise RlhfError(f"{cfg.prompts}: {len(rows)} prompts, fewer than one --batch-size {cfg.batch_size}", "lower --batch-size or add prompts")
-    judge_opts = JudgeOptions(reference=cfg.reference, device=t.device, dtype="fp32", batch_size=cfg.minibatch_size,
-                              trust_remote_code=t.trust_remote_code, seed=t.seed)
-    build_judge(cfg.judge or f"rm:{cfg.reward}", judge_opts)  # fails fast on a bad spec or path
+    rows, ptx_rows, judge_opts = load_inputs(cfg)
 
     import torch
 
@@ -237,6 +228,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
     from rlhf_cli.data.records import render_prompt
     from rlhf_cli.data.sft_data import SftStream
     from rlhf_cli.generation import SamplingParams, batch_seed
+    from rlhf_cli.judges import build_judge
     from rlhf_cli.metrics import progress_bar
     from rlhf_cli.rollout import collect, reward_stats, score_responses, setup_models
 
@@ -244,7 +236,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
     env = training.setup(t, grad_accum=1)
     dist, device = env.dist, env.device
     ref_dtype = cfg.ref_dtype if cfg.ref_dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-    scorer = build_judge(cfg.judge or f"rm:{cfg.reward}", JudgeOptions(**{**judge_opts.__dict__, "device": device, "dtype": ref_dtype}))
+    scorer = cast("ScoreJudge", build_judge(cfg.judge or f"rm:{cfg.reward}", replace(judge_opts, device=device, dtype=ref_dtype)))  # rule: / rm: score
     models = setup_models(cfg, device, ref_dtype)
     tok, pv, ref = models.tok, models.pv, models.ref
     prompt_ids = [render_prompt(tok, r.prompt, r.messages, cfg.format)[-cfg.max_prompt_len :] for r in rows]
@@ -309,12 +301,39 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
             # 6. checkpoint the resume state
             training.maybe_save(s, step + 1, plan.total, {"kl_coef": kl_ctl.beta})
 
-    # the policy alone is the artifact (LoRA merged unless --keep-adapter)
-    inputs = [cfg.prompts] + ([cfg.ptx] if cfg.ptx else []) + ([cfg.reward + "/rlhf.json"] if cfg.reward and Path(cfg.reward, "rlhf.json").is_file() else [])
-    training.finish(s, "ppo", cfg, pv.policy, tok, inputs, last, parent=cfg.model)
-    if dist.main and last:
-        info(f"saved {t.out}  reward {last['reward']:+.3f}  kl {last['kl']:.3f}  response length {last['response_length']:.1f}")
+    save(s, cfg, models, last)
     return last
+
+
+def load_inputs(cfg: PpoConfig) -> tuple[list[PromptRow], list[SftRow], JudgeOptions]:
+    """Options, prompt rows, ptx rows and the judge spec, all checked before any model loads."""
+    import os
+
+    from rlhf_cli.data.jsonl import read_jsonl
+    from rlhf_cli.data.records import assign_ids, parse_prompt_row, parse_sft_row
+    from rlhf_cli.judges import JudgeOptions, build_judge
+
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    rows = assign_ids([parse_prompt_row(line) for line in read_jsonl(cfg.prompts)])
+    ptx_rows = [parse_sft_row(line) for line in read_jsonl(cfg.ptx)] if cfg.ptx else []
+    if len(rows) < cfg.batch_size:
+        raise RlhfError(f"{cfg.prompts}: {len(rows)} prompts, fewer than one --batch-size {cfg.batch_size}", "lower --batch-size or add prompts")
+    t = cfg.train
+    judge_opts = JudgeOptions(reference_field=cfg.reference, device=t.device, dtype="fp32", batch_size=cfg.minibatch_size,
+                              trust_remote_code=t.trust_remote_code, seed=t.seed)
+    build_judge(cfg.judge or f"rm:{cfg.reward}", judge_opts)  # fails fast on a bad spec or path
+    return rows, ptx_rows, judge_opts
+
+
+def save(s: Session, cfg: PpoConfig, models: Models, last: dict[str, Any]) -> None:
+    """The policy alone is the artifact (LoRA merged unless --keep-adapter), with the RM's manifest as an input."""
+    from rlhf_cli import training
+
+    rm_manifest = [cfg.reward + "/rlhf.json"] if cfg.reward and Path(cfg.reward, "rlhf.json").is_file() else []
+    inputs = [cfg.prompts] + ([cfg.ptx] if cfg.ptx else []) + rm_manifest
+    training.finish(s, "ppo", cfg, models.pv.policy, models.tok, inputs, last, parent=cfg.model)
+    if s.env.dist.main and last:
+        info(f"saved {cfg.out}  reward {last['reward']:+.3f}  kl {last['kl']:.3f}  response length {last['response_length']:.1f}")
 
 
 def advantages(ro: Rollout, raw: torch.Tensor, norm: tuple[float, float], beta: float, cfg: PpoConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -339,7 +358,7 @@ def advantages(ro: Rollout, raw: torch.Tensor, norm: tuple[float, float], beta: 
     return adv, returns, stats
 
 
-def update(s: Session, models: Models, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, ptx: Any,
+def update(s: Session, models: Models, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, ptx: SftStream | None,
            cfg: PpoConfig, step: int) -> dict[str, float]:
     """Step 4: `ppo_epochs` seeded passes over the rollout in minibatches, one optimizer step each.
 

@@ -4,7 +4,7 @@ Reads prompt rows `{"prompt"}` or `{"messages": [...]}` (every other field passe
 streams one JSONL row per prompt to stdout as each batch finishes.
 
     rlhf sample prompts.jsonl --model sft/ -n 4 > samples.jsonl
-    rlhf sample prompts.jsonl --model sft/ -n 4 --resume samples.jsonl   # continue a killed run
+    rlhf sample prompts.jsonl --model sft/ -n 4 -o samples.jsonl --resume   # continue a killed run
     cat prompts.jsonl | rlhf sample - --model sft/ --temperature 0 | head -1
 """
 
@@ -12,13 +12,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import typer
 
+from rlhf_cli.config import from_cli
 from rlhf_cli.console import info
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.options import DeviceOpt, DtypeOpt, FormatOpt, ModelOpt, SeedOpt, TrustOpt, check_choice
+from rlhf_cli.options import (
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    ModelOpt,
+    OutputOpt,
+    SeedOpt,
+    StreamResumeOpt,
+    TrustOpt,
+    refuse_extra_args,
+)
 
 
 @dataclass(frozen=True)
@@ -26,9 +38,9 @@ class SampleConfig:
     prompts: str
     model: str = "builtin:tiny"
     n: int = 1
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: int = 0  # 0: off
     max_new_tokens: int = 256
     seed: int = 0
     stop: tuple[str, ...] = ()
@@ -36,32 +48,41 @@ class SampleConfig:
     batch_size: int = 8
     format: str = "chat"
     output: str = "-"
-    resume: bool = False
+    resume: bool = False  # append to `output`, skipping prompts already in it
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
 
+    COMMAND: ClassVar[str] = "sample"
+    FLAGS: ClassVar[dict[str, str]] = {"n": "-n"}
+    LIMITS: ClassVar[dict[str, Any]] = {
+        "n": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0", "max_new_tokens": ">= 1",
+        "batch_size": ">= 1", "format": ("chat", "raw"), "dtype": ("fp32", "bf16", "fp16"),
+    }
+
 
 def command(
-    prompts: Annotated[str, typer.Argument(help="Prompt JSONL file, or '-' for stdin.")],
-    model: ModelOpt = "builtin:tiny",
-    n: Annotated[int, typer.Option("-n", "--n", help="Completions per prompt (K).")] = 1,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 1.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1 = off).")] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")] = 0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest completion, in tokens.")] = 256,
-    seed: SeedOpt = 0,
+    ctx: typer.Context,
+    prompts: Annotated[str, typer.Argument(help="Prompt JSONL file, or '-' for stdin.", show_default=False)],
+    model: ModelOpt = SampleConfig.model,
+    n: Annotated[int, typer.Option("-n", "--n", help="Completions per prompt (K).")] = SampleConfig.n,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = SampleConfig.temperature,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1 = off).")] = SampleConfig.top_p,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")] = SampleConfig.top_k,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest completion, in tokens.")] = SampleConfig.max_new_tokens,
+    seed: SeedOpt = SampleConfig.seed,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); not included in the text.")] = None,
-    logprobs: Annotated[bool, typer.Option("--logprobs", help="Record token ids and per-token log-probs.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call.")] = 8,
-    fmt: FormatOpt = "chat",
-    output: Annotated[str, typer.Option("--output", "-o", help="Write rows to this file instead of stdout.")] = "-",
-    resume: Annotated[str | None, typer.Option("--resume", help="Append to this file, skipping prompts already in it.")] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    trust_remote_code: TrustOpt = False,
+    logprobs: Annotated[bool, typer.Option("--logprobs", help="Record token ids and per-token log-probs.")] = SampleConfig.logprobs,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call.")] = SampleConfig.batch_size,
+    format: FormatOpt = SampleConfig.format,
+    output: OutputOpt = SampleConfig.output,
+    resume: StreamResumeOpt = SampleConfig.resume,
+    device: DeviceOpt = SampleConfig.device,
+    dtype: DtypeOpt = SampleConfig.dtype,
+    trust_remote_code: TrustOpt = SampleConfig.trust_remote_code,
+    config: ConfigOpt = None,
 ) -> None:
-    """Sample K completions per prompt; one JSONL row per prompt on stdout.
+    """Sample K completions per prompt; one JSONL row per prompt on stdout (or --output FILE).
 
     Output row: the input fields + id, completions (K strings), finish_reasons ("stop" | "length"),
     completion_tokens, prompt_tokens, sampling {model, temperature, top_p, top_k, max_new_tokens,
@@ -71,28 +92,24 @@ def command(
 
       rlhf sample prompts.jsonl --model sft/ -n 4 > samples.jsonl
 
-      rlhf sample prompts.jsonl --model sft/ -n 4 --resume samples.jsonl
+      rlhf sample prompts.jsonl --model sft/ -n 4 -o samples.jsonl --resume   # continue a killed run
+
+      rlhf sample prompts.jsonl --config sample.yaml -t 0.7 > samples.jsonl   # a flag beats the file
 
       echo '{"prompt": "2+2="}' | rlhf sample - --model sft/ --temperature 0
     """
-    if resume and output != "-":
-        raise RlhfError("give --output or --resume, not both", "--resume FILE appends to FILE")
-    cfg = SampleConfig(
-        prompts=prompts, model=model, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-        max_new_tokens=max_new_tokens, seed=seed, stop=tuple(stop or ()), logprobs=logprobs, batch_size=batch_size,
-        format=check_choice("--format", fmt, ("chat", "raw")), output=resume or output, resume=resume is not None,
-        device=device, dtype=check_choice("--dtype", dtype, ("fp32", "bf16", "fp16")), trust_remote_code=trust_remote_code,
-    )
-    run(cfg)
+    refuse_extra_args(ctx)
+    run(from_cli(SampleConfig, ctx, {**locals(), "stop": tuple(stop or ())}, config))
 
 
-def _validate(cfg: SampleConfig) -> None:
-    if cfg.n < 1 or cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise RlhfError("-n, --batch-size and --max-new-tokens must be >= 1")
-    if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
-        raise RlhfError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+def validate(cfg: SampleConfig) -> None:
+    from rlhf_cli.config import check
+
+    check(cfg)
     if cfg.temperature == 0 and cfg.n > 1:
         raise RlhfError("-n > 1 with --temperature 0 gives K identical completions", "use a temperature > 0")
+    if cfg.resume and cfg.output == "-":
+        raise RlhfError("--resume needs the --output FILE to continue", "e.g. -o samples.jsonl --resume")
 
 
 def done_ids(path: str) -> set[Any]:
@@ -108,11 +125,11 @@ def done_ids(path: str) -> set[Any]:
 def run(cfg: SampleConfig) -> int:
     """Sample and write rows; returns the number of rows written."""
     from rlhf_cli.data.jsonl import JsonlSink, read_jsonl
-    from rlhf_cli.data.records import assign_ids, parse_prompt_row
+    from rlhf_cli.data.records import assign_ids, parse_prompt_row, render_prompt
     from rlhf_cli.models.loading import parse_model_spec
 
     # 1. validate and tokenize all input before loading the model
-    _validate(cfg)
+    validate(cfg)
     rows = assign_ids([parse_prompt_row(line) for line in read_jsonl(cfg.prompts)])
     spec = parse_model_spec(cfg.model)
     skip = done_ids(cfg.output) if cfg.resume else set()
@@ -123,7 +140,7 @@ def run(cfg: SampleConfig) -> int:
         return 0
 
     from rlhf_cli import runtime
-    from rlhf_cli.generation import SamplingParams, batch_seed, generate, render_prompt
+    from rlhf_cli.generation import SamplingParams, batch_seed, generate
     from rlhf_cli.metrics import progress_bar
     from rlhf_cli.models.loading import load_model, load_tokenizer
 
@@ -146,10 +163,10 @@ def run(cfg: SampleConfig) -> int:
     with JsonlSink(cfg.output, append=cfg.resume) as sink, progress_bar(True) as bar:
         task = bar.add_task("sample", total=len(todo), stats="")
         for b in range(0, len(todo), cfg.batch_size):
-            batch, ids = todo[b : b + cfg.batch_size], prompt_ids[b : b + cfg.batch_size]
+            batch, batch_ids = todo[b : b + cfg.batch_size], prompt_ids[b : b + cfg.batch_size]
             seed = batch_seed(cfg.seed, [str(r.id) for r in batch])
-            results = generate(model, tok, ids, params, device, seed, cfg.logprobs)
-            for r, p_ids, comps in zip(batch, ids, results, strict=True):
+            results = generate(model, tok, batch_ids, params, device, seed, cfg.logprobs)
+            for r, p_ids, comps in zip(batch, batch_ids, results, strict=True):
                 out = dict(r.extra)
                 out["id"] = r.id
                 out["completions"] = [c.text for c in comps]

@@ -68,6 +68,7 @@ class SftConfig:
     train: TrainOptions = TRAIN
 
     COMMAND: ClassVar[str] = "sft"
+    CLI_ONLY: ClassVar[frozenset[str]] = frozenset({"data_opt"})  # --data FILE[:WEIGHT], more entries of `data`
     LIMITS: ClassVar[dict[str, Any]] = {"format": ("chat", "raw"), "max_len": ">= 2", "batch_size": ">= 1",
                                         "eval_split": "[0, 1)", "eval_every": ">= 0"}
 

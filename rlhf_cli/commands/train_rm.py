@@ -71,6 +71,7 @@ class RmConfig:
     train: TrainOptions = TRAIN
 
     COMMAND: ClassVar[str] = "train-rm"
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"keep_adapter"})  # refused: the head is trained in full
     LIMITS: ClassVar[dict[str, Any]] = {"format": ("chat", "raw"), "max_len": ">= 2", "batch_size": ">= 1",
                                         "center_coef": ">= 0", "eval_split": "[0, 1)", "eval_every": ">= 0"}
     FLAGS: ClassVar[dict[str, str]] = {"use_margin": "--margin"}
@@ -170,8 +171,7 @@ def load_rows(cfg: RmConfig) -> tuple[list[Any], list[Any]]:
 def run(cfg: RmConfig) -> dict[str, Any]:
     """Train and save; returns the final metrics (also written to OUT/rlhf.json)."""
     # 0. validate everything cheap before touching torch
-    t = cfg.train
-    spec = validate(cfg)
+    t, spec = cfg.train, validate(cfg)
     rows, eval_rows = load_rows(cfg)
 
     from rlhf_cli import training
@@ -216,9 +216,7 @@ def run(cfg: RmConfig) -> dict[str, Any]:
                 with s.no_sync(i == len(mine) - 1):
                     loss = step_fn(s.forward, mb, sums)
                     (loss * (env.dist.world / n_rows)).backward()
-            grad_norm = training.optimizer_step(s)
-            dt = time.perf_counter() - t0
-            stats = sums.reduce(env.device)
+            grad_norm, dt, stats = training.optimizer_step(s), time.perf_counter() - t0, sums.reduce(env.device)
             last = {"step": step + 1, **stats, "lr": lr, "grad_norm": grad_norm, "rows": n_rows,
                     "pairs_per_s": stats["pairs"] / dt, "epoch": plan.epoch_of(step)}
             if eval_mbs and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == plan.total):
@@ -235,10 +233,14 @@ def run(cfg: RmConfig) -> dict[str, Any]:
     training.finish(s, "train-rm", cfg, model, tok, [cfg.data] + ([cfg.eval_data] if cfg.eval_data else []),
                     {**final, "layouts": _layout_counts(rows)}, parent=cfg.model)
     if env.dist.main:
-        shown = f"  held-out accuracy {final['eval_accuracy']:.3f}" if "eval_accuracy" in final else ""
-        info(f"saved {t.out}  loss {final.get('loss', float('nan')):.4f}  accuracy {final.get('accuracy', float('nan')):.3f}{shown}  "
-             f"reward {final['reward_mean']:.3f} ± {final['reward_std']:.3f}")
+        _report(cfg, final)
     return final
+
+
+def _report(cfg: RmConfig, final: dict[str, Any]) -> None:
+    shown = f"  held-out accuracy {final['eval_accuracy']:.3f}" if "eval_accuracy" in final else ""
+    info(f"saved {cfg.out}  loss {final.get('loss', float('nan')):.4f}  accuracy {final.get('accuracy', float('nan')):.3f}{shown}  "
+         f"reward {final['reward_mean']:.3f} ± {final['reward_std']:.3f}")
 
 
 class Sums:

@@ -1,6 +1,7 @@
 """JSONL in and out: `-` means stdin/stdout, errors name `file:line`, file outputs are atomic.
 
     rows = read_jsonl("prompts.jsonl")          # -> list[Line]; Line.where == "prompts.jsonl:3"
+    rows = load_records("testset-v1.json")      # JSONL, or one JSON array (PandaLM, AlpacaEval files)
     with JsonlSink("-") as sink:                # stdout, flushed per row, quiet on SIGPIPE
         sink.write({"id": "a", "completions": [...]})
 """
@@ -8,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -52,12 +54,17 @@ def _open_text(path: str) -> IO[bytes]:
         raise RlhfError(f"{path}: cannot read ({e.strerror})", "check the file's permissions") from None
 
 
-def iter_jsonl(path: str) -> Iterator[Line]:
-    """Yield each non-blank line of `path` as a `Line`; malformed JSON raises at its line."""
+def iter_jsonl(path: str, *, nan_ok: bool = False, example: str = '{"prompt": ...}') -> Iterator[Line]:
+    """Yield each non-blank line of `path` as a `Line`; malformed JSON raises at its line.
+
+    nan_ok: also accept the NaN / Infinity tokens that Python's json module writes (orjson rejects
+    them; our own writers emit null), for metrics files from other tools (`rlhf plot`).
+    example: the object shape the hint shows when a line is not an object.
+    """
     name = "<stdin>" if path == "-" else path
     f = _open_text(path)
     try:
-        yield from _lines(f, name)
+        yield from _lines(f, name, nan_ok, example)
     except (OSError, EOFError) as e:  # a truncated or corrupt .gz fails mid-read
         if not name.endswith(".gz"):
             raise
@@ -67,22 +74,35 @@ def iter_jsonl(path: str) -> Iterator[Line]:
             f.close()
 
 
-def _lines(f: IO[bytes], name: str) -> Iterator[Line]:
+def _lines(f: IO[bytes], name: str, nan_ok: bool, example: str) -> Iterator[Line]:
     for lineno, raw in enumerate(f, start=1):
         if not raw.strip():
             continue
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
-            raise RlhfError(
-                f"{name}:{lineno}: malformed JSON ({e.msg})", "each line must be one JSON object"
-            ) from None
+            obj = _python_json(raw) if nan_ok else _MALFORMED
+            if obj is _MALFORMED:
+                raise RlhfError(
+                    f"{name}:{lineno}: malformed JSON ({e.msg})", "each line must be one JSON object"
+                ) from None
         if not isinstance(obj, dict):
             raise RlhfError(
                 f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}",
-                "each line must be one JSON object like {\"prompt\": ...}",
+                f"each line must be one JSON object like {example}",
             )
         yield Line(obj, name, lineno)
+
+
+_MALFORMED = object()
+
+
+def _python_json(raw: bytes) -> Any:
+    """A line as Python's json module reads it (NaN, Infinity and -Infinity included), else _MALFORMED."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return _MALFORMED
 
 
 def read_jsonl(path: str) -> list[Line]:
@@ -92,6 +112,40 @@ def read_jsonl(path: str) -> list[Line]:
         name = "<stdin>" if path == "-" else path
         raise RlhfError(f"{name}:1: file is empty, expected JSONL rows", "give at least one JSON object per line")
     return lines
+
+
+def load_records(path: str) -> list[Line]:
+    """JSONL, or one JSON array whose elements are reported at the line where they start."""
+    name = "<stdin>" if path == "-" else path
+    if path == "-":
+        buf = sys.stdin.buffer
+        head = buf.peek(256) if hasattr(buf, "peek") else b""
+    else:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(256)
+        except OSError:
+            head = b""  # let read_jsonl word the error
+    if head.lstrip()[:1] != b"[":
+        return read_jsonl(path)
+    text = (sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()).decode("utf-8", errors="replace")
+    dec, pos, out = json.JSONDecoder(), text.index("[") + 1, []
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        lineno = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise RlhfError(f"{name}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise RlhfError(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        out.append(Line(obj, name, lineno))
+    if not out:
+        raise RlhfError(f"{name}:1: the JSON array is empty")
+    return out
 
 
 def dumps(obj: Any) -> bytes:

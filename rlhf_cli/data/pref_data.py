@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 from rlhf_cli.console import warn
 from rlhf_cli.data.jsonl import Line
-from rlhf_cli.data.records import Message, _messages
+from rlhf_cli.data.records import Message, check_role, parse_messages, render_prompt
 from rlhf_cli.errors import RlhfError
 
 PREF_SHAPES = (
@@ -109,12 +109,12 @@ def parse_pref_row(line: Line) -> PrefRow:
 def _prompt(line: Line, required: bool) -> tuple[str | None, tuple[Message, ...] | None]:
     d = line.data
     if "messages" in d:
-        return None, _messages(line)
+        return None, parse_messages(line)
     value = d.get("prompt")
     if isinstance(value, str):
         return value, None
     if isinstance(value, list):  # TRL's conversational prompt
-        return None, _messages(Line({"messages": value}, line.path, line.lineno))
+        return None, parse_messages(Line({"messages": value}, line.path, line.lineno))
     if value is None and not required:
         return None, None
     raise RlhfError(f"{line.where}: field 'prompt' must be a string or a message list, got {type(value).__name__}")
@@ -205,6 +205,8 @@ def _message_list(line: Line, key: str) -> tuple[Message, ...]:
     if not msgs or bad is not None:
         raise RlhfError(f"{line.where}: '{key}' must be a non-empty list of {{\"role\": str, \"content\": str}} messages"
                         + (f" (item {bad} is not)" if bad is not None else ""))
+    for i, m in enumerate(msgs):
+        check_role(line.where, f"{key}[{i}]", m["role"])
     return tuple({"role": m["role"], "content": m["content"]} for m in msgs)
 
 
@@ -227,8 +229,6 @@ def prompt_ids(tok: Any, prompt: str | None, messages: Any, fmt: str, raw: bool 
     chat template of its own (the ChatML default needs an EOS) must use the raw format."""
     lead = _lead_token(tok)
     if messages is not None or (fmt == "chat" and not raw):
-        from rlhf_cli.generation import render_prompt
-
         cls = getattr(tok, "cls_token_id", None)
         if tok.eos_token is None and cls is not None and "eos_token" in (getattr(tok, "chat_template", None) or ""):
             raise RlhfError("the model is an encoder (its tokenizer has [CLS] but no EOS), which has no chat template",
@@ -317,7 +317,12 @@ def collate(mb: list[PrefExample], pad_id: int, use_margin: bool = True) -> dict
     from rlhf_cli.losses.rm import strict_pairs
 
     width = max(len(s) for ex in mb for s in ex.seqs)
-    ids, att, better, worse, row, margin = [], [], [], [], [], []
+    ids: list[list[int]] = []  # (S, width) padded sequences
+    att: list[list[int]] = []
+    better: list[int] = []  # per strict pair: sequence indices and the example it belongs to
+    worse: list[int] = []
+    row: list[int] = []
+    margin: list[float] = []
     for r, ex in enumerate(mb):
         base = len(ids)
         for s in ex.seqs:

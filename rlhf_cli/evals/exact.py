@@ -11,8 +11,8 @@ Prompt (raw format, lm-evaluation-harness's `gsm8k` task): k solved examples the
 "Question: {question}\\nAnswer: {answer}" joined by a blank line, ending in "Answer:"; generation stops
 where lm-eval's does: at "Question:", "</s>" or "<|im_end|>" (and the model's EOS). Chat format
 (`--format chat`) sends each shot as a user / assistant turn instead (the bare question as the user
-turn) and stops at end of turn. `--template` sets the question's text in both formats: with
-`--format chat --template 'Question: {question}\\nAnswer:'` the turns are exactly lm-eval's
+turn) and stops at end of turn. `--question-template` sets the question's text in both formats: with
+`--format chat --question-template 'Question: {question}\\nAnswer:'` the turns are exactly lm-eval's
 `--apply_chat_template --fewshot_as_multiturn`. `--stop` replaces the stop strings.
 
 Extraction (`--extract`): `gsm8k` (the `#### N` line, else the last number), `strict` and `flexible`
@@ -27,13 +27,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import typer
 
+from rlhf_cli.config import from_cli
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, mean_stderr, parse_fields
-from rlhf_cli.options import DeviceOpt, DtypeOpt, FormatOpt, SeedOpt, TrustOpt, check_choice
+from rlhf_cli.options import ConfigOpt, DeviceOpt, DtypeOpt, FormatOpt, SeedOpt, TrustOpt, deprecated
 
 FIELDS = ("question", "answer", "id")
 STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval gsm8k's `until`, for the raw format
@@ -47,7 +48,7 @@ _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 @dataclass(frozen=True)
 class ExactConfig:
     data: str
-    models: tuple[str, ...]
+    models: tuple[str, ...] = ()
     shots: int = 0
     fewshot: str | None = None
     extract: str = "gsm8k"
@@ -55,17 +56,24 @@ class ExactConfig:
     n: int = 1
     temperature: float = 0.0
     max_new_tokens: int = 256
-    stop: tuple[str, ...] | None = None
-    template: str | None = None
+    stop: tuple[str, ...] | None = None  # None: lm-eval's gsm8k stops for raw, none for chat
+    question_template: str | None = None  # {question} is replaced, a typed \\n is a newline; None: TEMPLATES
     batch_size: int = 16
     limit: int | None = None
-    fields: tuple[tuple[str, str], ...] = ()
+    fields: tuple[str, ...] = ()  # NAME=COLUMN, as --field
     log_samples: str | None = None
     plot: str | None = None
     seed: int = 0
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
+
+    COMMAND: ClassVar[str] = "eval exact"
+    FLAGS: ClassVar[dict[str, str]] = {"n": "-n", "models": "--model", "fields": "--field"}
+    LIMITS: ClassVar[dict[str, Any]] = {
+        "shots": ">= 0", "format": ("chat", "raw"), "n": ">= 1", "temperature": ">= 0", "max_new_tokens": ">= 1",
+        "batch_size": ">= 1", "limit": ">= 1", "dtype": ("fp32", "bf16", "fp16"),
+    }
 
 
 @dataclass(frozen=True)
@@ -77,26 +85,29 @@ class Problem:
 
 
 def command(
+    ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="JSONL with a question and a reference answer per row, or '-'.", show_default=False)],
-    models: ModelsOpt,
-    shots: Annotated[int, typer.Option("--shots", "-k", help="Solved examples before each question (from --fewshot).")] = 0,
-    fewshot: Annotated[str | None, typer.Option("--fewshot", help="File of solved examples for --shots (its first k rows).")] = None,
-    extract: Annotated[str, typer.Option("--extract", help="gsm8k | strict | flexible | last-number | exact | regex:PATTERN.")] = "gsm8k",
-    fmt: FormatOpt = "raw",
-    n: Annotated[int, typer.Option("-n", "--n", help="Samples per question; > 1 takes the majority answer.")] = 1,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy (default with -n 1).")] = 0.0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")] = 256,
+    models: ModelsOpt = None,  # type: ignore[assignment]
+    shots: Annotated[int, typer.Option("--shots", "-k", help="Solved examples before each question (from --fewshot).")] = ExactConfig.shots,
+    fewshot: Annotated[str | None, typer.Option("--fewshot", help="File of solved examples for --shots (its first k rows).")] = ExactConfig.fewshot,
+    extract: Annotated[str, typer.Option("--extract", help="gsm8k | strict | flexible | last-number | exact | regex:PATTERN.")] = ExactConfig.extract,
+    format: FormatOpt = ExactConfig.format,
+    n: Annotated[int, typer.Option("-n", "--n", help="Samples per question; > 1 takes the majority answer.")] = ExactConfig.n,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy (default with -n 1).")] = ExactConfig.temperature,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")] = ExactConfig.max_new_tokens,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); replaces the default: lm-eval's gsm8k stops for raw, none for chat.")] = None,
-    template: Annotated[str | None, typer.Option("--template", help="The question's text: {question} is replaced, \\\\n is a newline. Default 'Question: {question}\\\\nAnswer:' for raw, '{question}' for chat.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Questions per generate call.")] = 16,
-    limit: LimitOpt = None,
-    field: FieldOpt = None,
-    log_samples: LogSamplesOpt = None,
-    plot: PlotOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    trust_remote_code: TrustOpt = False,
+    question_template: Annotated[str | None, typer.Option("--question-template", help="The question's text: {question} is replaced, \\\\n is a newline. Default 'Question: {question}\\\\nAnswer:' for raw, '{question}' for chat.")] = ExactConfig.question_template,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Questions per generate call.")] = ExactConfig.batch_size,
+    limit: LimitOpt = ExactConfig.limit,
+    fields: FieldOpt = None,
+    log_samples: LogSamplesOpt = ExactConfig.log_samples,
+    plot: PlotOpt = ExactConfig.plot,
+    seed: SeedOpt = ExactConfig.seed,
+    device: DeviceOpt = ExactConfig.device,
+    dtype: DtypeOpt = ExactConfig.dtype,
+    trust_remote_code: TrustOpt = ExactConfig.trust_remote_code,
+    config: ConfigOpt = None,
+    deprecated_template: Annotated[str | None, typer.Option("--template", hidden=True, help="Deprecated spelling of --question-template.")] = None,
 ) -> None:
     """Exact match after answer extraction (GSM8K style): generate, extract, compare.
 
@@ -111,16 +122,14 @@ def command(
       rlhf eval exact test.jsonl -m base/ -m sft/ -m ppo/ --extract exact --max-new-tokens 8
 
       rlhf eval exact gsm8k/test.jsonl -m sft/ -n 8 --temperature 0.7 --log-samples gsm8k-samples.jsonl
+
+      rlhf eval exact gsm8k/test.jsonl -m sft/ --format chat --question-template 'Question: {question}\\\\nAnswer:'
+
+      rlhf eval exact gsm8k/test.jsonl -m sft/ --config gsm8k.yaml   # shots, fewshot, extract ...
     """
-    cfg = ExactConfig(
-        data=data, models=tuple(models), shots=shots, fewshot=fewshot, extract=extract,
-        format=check_choice("--format", fmt, ("chat", "raw")), n=n, temperature=temperature,
-        max_new_tokens=max_new_tokens, stop=tuple(stop) if stop else None,
-        template=template.replace("\\n", "\n") if template else None, batch_size=batch_size, limit=limit,
-        fields=tuple(parse_fields(field, FIELDS).items()), log_samples=log_samples, plot=plot, seed=seed, device=device,
-        dtype=check_choice("--dtype", dtype, ("fp32", "bf16", "fp16")), trust_remote_code=trust_remote_code,
-    )
-    run(cfg)
+    params = {**locals(), "models": tuple(models or ()), "stop": tuple(stop) if stop else None, "fields": tuple(fields or ())}
+    fixed = {"question_template": deprecated("--template", "--question-template", deprecated_template)} if deprecated_template else {}
+    run(from_cli(ExactConfig, ctx, params, config, **fixed))
 
 
 # --- extraction and comparison (pure) -------------------------------------------------------------
@@ -210,7 +219,7 @@ def load_problems(path: str, fields: dict[str, str], extract: Any, limit: int | 
     from rlhf_cli.data.jsonl import read_jsonl
 
     qkey, akey, ikey = fields.get("question"), fields.get("answer", "answer"), fields.get("id", "id")
-    out = []
+    out: list[Problem] = []
     for i, line in enumerate(read_jsonl(path)):
         if limit is not None and len(out) >= limit:
             break
@@ -243,31 +252,35 @@ def extract_target(answer: str, extract: Any) -> str | None:
 # --- run ------------------------------------------------------------------------------------------
 
 
-def validate(cfg: ExactConfig) -> None:
+def validate(cfg: ExactConfig) -> dict[str, str]:
+    """Ranges and option combinations; returns the --field mapping."""
+    from rlhf_cli.config import check
+
+    check(cfg)
     if not cfg.models:
         raise RlhfError("give at least one --model")
-    if cfg.shots < 0 or cfg.n < 1 or cfg.max_new_tokens < 1 or cfg.batch_size < 1:
-        raise RlhfError("need --shots >= 0, -n >= 1, --max-new-tokens >= 1, --batch-size >= 1")
     if cfg.shots and not cfg.fewshot:
         raise RlhfError(f"--shots {cfg.shots} needs --fewshot FILE", "e.g. --fewshot gsm8k/train.jsonl")
-    if cfg.template is not None and "{question}" not in cfg.template:
-        raise RlhfError(f"--template {cfg.template!r} has no {{question}}", "e.g. --template 'Question: {question}\\nAnswer:'")
+    if cfg.question_template is not None and "{question}" not in cfg.question_template:
+        raise RlhfError(f"--question-template {cfg.question_template!r} has no {{question}}",
+                        "e.g. --question-template 'Question: {question}\\nAnswer:'")
     if cfg.n > 1 and cfg.temperature == 0:
         raise RlhfError("-n > 1 with --temperature 0 gives n identical answers", "use a temperature > 0 for a majority vote")
+    return parse_fields(list(cfg.fields), FIELDS)
 
 
 def run(cfg: ExactConfig) -> list[EvalResult]:
     from rlhf_cli.evals.base import report
 
     # 1. everything cheap first: options, extraction rule, data, shots
-    validate(cfg)
+    fields = validate(cfg)
     extract = extractor(cfg.extract)
-    fields = dict(cfg.fields)
     problems = load_problems(cfg.data, fields, extract, cfg.limit)
-    shots = load_problems(cfg.fewshot, fields, extract, cfg.shots) if cfg.shots else []
+    shots = load_problems(cfg.fewshot, fields, extract, cfg.shots) if cfg.shots and cfg.fewshot else []  # validate: shots need fewshot
     if len(shots) < cfg.shots:
         raise RlhfError(f"{cfg.fewshot}: {len(shots)} rows, fewer than --shots {cfg.shots}")
-    prompts = [build_prompt(p.question, shots, cfg.format, cfg.template) for p in problems]
+    template = cfg.question_template.replace("\\n", "\n") if cfg.question_template else None  # a typed \\n is a newline
+    prompts = [build_prompt(p.question, shots, cfg.format, template) for p in problems]
 
     # 2. each model in turn
     results = [evaluate(cfg, model, problems, prompts, extract) for model in cfg.models]
@@ -277,7 +290,8 @@ def run(cfg: ExactConfig) -> list[EvalResult]:
 
 def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts: list[Any], extract: Any) -> EvalResult:
     from rlhf_cli import runtime
-    from rlhf_cli.generation import SamplingParams, batch_seed, generate, render_prompt
+    from rlhf_cli.data.records import render_prompt
+    from rlhf_cli.generation import SamplingParams, batch_seed, generate
     from rlhf_cli.metrics import progress_bar
     from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
 
@@ -289,7 +303,9 @@ def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts
     params = SamplingParams(cfg.n, cfg.temperature, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop)
     ids = [render_prompt(tok, p, None, "raw") if isinstance(p, str) else render_prompt(tok, None, p, "chat") for p in prompts]
 
-    votes, singles, samples = [], [], []
+    votes: list[float] = []
+    singles: list[float] = []
+    samples: list[dict[str, Any]] = []
     with progress_bar(True) as bar:
         task = bar.add_task(f"exact {model_spec}", total=len(problems), stats="")
         for b in range(0, len(problems), cfg.batch_size):

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_cli.models.introspect import forward_accepts, plain_linear_head
+
 
 @dataclass(frozen=True)
 class Request:
@@ -91,10 +93,8 @@ def loglik_shared(model: Any, requests: list[Request], batch_size: int, device: 
     to `loglik_naive`, which truncates them as lm-eval does."""
     import torch
 
-    from rlhf_cli.generation import _accepts, _plain_linear_head
-
-    plain = _plain_linear_head(model)
-    ckw = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
+    plain = plain_linear_head(model)
+    ckw = "cache" if forward_accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
     out: list[list[float]] = [[] for _ in requests]
     fits = [len(r.context) + max(map(len, r.continuations)) <= max_len + 1 for r in requests]
     long = [i for i, ok in enumerate(fits) if not ok]
@@ -166,14 +166,12 @@ def _forward(model: Any, how: tuple[bool, str], ids: Any, mask: Any, pos: Any, c
     """Final hidden states (plain linear head: applied later, only where needed) or logits, + the cache.
 
     how = (plain head?, the model's name for the cache argument)."""
-    from rlhf_cli.generation import _accepts
-
     plain, ckw = how
     kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, ckw: cache, "use_cache": not last_only}
     if plain:
         out = model.get_decoder()(**kw)
         return out.last_hidden_state, getattr(out, ckw)
-    keep = {"logits_to_keep": 1} if last_only and _accepts(model, "logits_to_keep") else {}
+    keep = {"logits_to_keep": 1} if last_only and forward_accepts(model, "logits_to_keep") else {}
     out = model(**kw, **keep)
     return out.logits, getattr(out, ckw)
 

@@ -34,14 +34,15 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import typer
 
+from rlhf_cli.config import check, from_cli
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LogSamplesOpt, ModelsOpt, PlotOpt, mean_stderr, parse_fields, report
 from rlhf_cli.evals.loglik import Request, loglik_naive, loglik_shared, max_length
-from rlhf_cli.options import DeviceOpt, DtypeOpt, TrustOpt, check_choice
+from rlhf_cli.options import ConfigOpt, DeviceOpt, DtypeOpt, TrustOpt
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 FIELDS = ("question", "choices", "answer", "subject")
@@ -61,14 +62,14 @@ class Question:
 @dataclass(frozen=True)
 class McConfig:
     data: str
-    models: tuple[str, ...] = ("builtin:tiny",)
+    models: tuple[str, ...] = ()
     dev: str | None = None
-    shots: int = 0
-    subjects: tuple[str, ...] = ()
+    shots: int | None = None  # None: 5 with --dev, else 0
+    subjects: tuple[str, ...] = ()  # empty: all; "a,b" entries are split
     limit: int | None = None  # per subject, as lm-eval's --limit
     scoring: str = "letter"  # letter | cloze
     format: str = "raw"  # raw | chat
-    fields: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()  # NAME=COLUMN, as --field
     batch_size: int = 8
     shared_context: bool = True
     log_samples: str | None = None
@@ -77,24 +78,41 @@ class McConfig:
     dtype: str = "fp32"
     trust_remote_code: bool = False
 
+    COMMAND: ClassVar[str] = "eval mc"
+    FLAGS: ClassVar[dict[str, str]] = {"models": "--model", "fields": "--field"}
+    LIMITS: ClassVar[dict[str, Any]] = {
+        "shots": ">= 0", "limit": ">= 1", "scoring": ("letter", "cloze"), "format": ("raw", "chat"), "batch_size": ">= 1",
+        "dtype": ("fp32", "bf16", "fp16"),
+    }
+
+    @property
+    def n_shots(self) -> int:
+        return self.shots if self.shots is not None else 5 if self.dev else 0
+
+    @property
+    def subject_names(self) -> tuple[str, ...]:
+        return tuple(s.strip() for item in self.subjects for s in item.split(",") if s.strip())
+
 
 def command(
-    data: Annotated[str, typer.Argument(help="MMLU CSV directory or file (SUBJECT_test.csv files), or JSONL ('-' = stdin).")],
-    model: ModelsOpt,
-    dev: Annotated[str | None, typer.Option("--dev", help="Few-shot examples: MMLU dev folder or file (SUBJECT_dev.csv), or JSONL.")] = None,
-    shots: Annotated[int | None, typer.Option("--shots", "-k", help="Examples per question, the first k dev rows of its subject [default: 5 with --dev, else 0].")] = None,
-    subjects: Annotated[str | None, typer.Option("--subjects", help="Only these subjects, comma-separated (e.g. anatomy,virology).")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N questions of each subject (lm-eval's --limit).")] = None,
-    scoring: Annotated[str, typer.Option("--scoring", help="letter: continuations ' A'..' D' (lm-eval mmlu). cloze: ' ' + choice text (mmlu_continuation).")] = "letter",
-    fmt: Annotated[str, typer.Option("--format", help="raw: plain text, as lm-eval scores log-likelihood tasks. chat: the chat template, shots as turns (lm-eval --apply_chat_template).")] = "raw",
-    field: FieldOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Questions per forward pass.")] = 8,
-    shared_context: Annotated[bool, typer.Option("--shared-context/--no-shared-context", help="Run each context once and reuse its KV cache (off: one full sequence per choice, the reference).")] = True,
-    log_samples: LogSamplesOpt = None,
-    plot: PlotOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    trust_remote_code: TrustOpt = False,
+    ctx: typer.Context,
+    data: Annotated[str, typer.Argument(help="MMLU CSV directory or file (SUBJECT_test.csv files), or JSONL ('-' = stdin).", show_default=False)],
+    models: ModelsOpt = None,  # type: ignore[assignment]
+    dev: Annotated[str | None, typer.Option("--dev", help="Few-shot examples: MMLU dev folder or file (SUBJECT_dev.csv), or JSONL.")] = McConfig.dev,
+    shots: Annotated[int | None, typer.Option("--shots", "-k", help="Examples per question, the first k dev rows of its subject [default: 5 with --dev, else 0].")] = McConfig.shots,
+    subjects: Annotated[list[str] | None, typer.Option("--subjects", help="Only these subjects (repeatable, or comma-separated: anatomy,virology).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Only the first N questions of each subject (lm-eval's --limit).")] = McConfig.limit,
+    scoring: Annotated[str, typer.Option("--scoring", help="letter: continuations ' A'..' D' (lm-eval mmlu). cloze: ' ' + choice text (mmlu_continuation).")] = McConfig.scoring,
+    format: Annotated[str, typer.Option("--format", help="raw: plain text, as lm-eval scores log-likelihood tasks. chat: the chat template, shots as turns (lm-eval --apply_chat_template).")] = McConfig.format,
+    fields: FieldOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Questions per forward pass.")] = McConfig.batch_size,
+    shared_context: Annotated[bool, typer.Option("--shared-context/--no-shared-context", help="Run each context once and reuse its KV cache (off: one full sequence per choice, the reference).")] = McConfig.shared_context,
+    log_samples: LogSamplesOpt = McConfig.log_samples,
+    plot: PlotOpt = McConfig.plot,
+    device: DeviceOpt = McConfig.device,
+    dtype: DtypeOpt = McConfig.dtype,
+    trust_remote_code: TrustOpt = McConfig.trust_remote_code,
+    config: ConfigOpt = None,
 ) -> None:
     """Multiple choice by log-likelihood (MMLU): acc and acc_norm per model, lm-evaluation-harness prompts.
 
@@ -109,15 +127,8 @@ def command(
 
       rlhf eval mc quiz.jsonl --scoring cloze --field question=prompt -m sft/ --log-samples mc.jsonl
     """
-    cfg = McConfig(
-        data=data, models=tuple(model), dev=dev, shots=(5 if dev else 0) if shots is None else shots,
-        subjects=tuple(s.strip() for s in (subjects or "").split(",") if s.strip()), limit=limit,
-        scoring=check_choice("--scoring", scoring, ("letter", "cloze")), format=check_choice("--format", fmt, ("raw", "chat")),
-        fields=tuple(field or ()), batch_size=batch_size, shared_context=shared_context, log_samples=log_samples,
-        plot=plot, device=device, dtype=check_choice("--dtype", dtype, ("fp32", "bf16", "fp16")),
-        trust_remote_code=trust_remote_code,
-    )
-    run(cfg)
+    params = {**locals(), "models": tuple(models or ()), "subjects": tuple(subjects or ()), "fields": tuple(fields or ())}
+    run(from_cli(McConfig, ctx, params, config))
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -147,7 +158,8 @@ def parse_answer(value: Any, n_choices: int, where: str) -> int:
 
 def read_mmlu_csv(path: Path) -> list[Question]:
     """One MMLU CSV file: header question,choice0..N,answer (HF cais/mmlu export) or the headerless original."""
-    subject, out, header = subject_of(path), [], None
+    subject, header = subject_of(path), None
+    out: list[Question] = []
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader, start = csv.reader(f), 1
         for rec in reader:
@@ -302,23 +314,23 @@ def choose(lls: list[float], lengths: list[int]) -> tuple[int, int]:
 
 def load_data(cfg: McConfig) -> tuple[list[Question], dict[str, list[Question]]]:
     """All questions to score and the shots for each subject; every input error surfaces here."""
-    if cfg.batch_size < 1 or cfg.shots < 0 or (cfg.limit is not None and cfg.limit < 1):
-        raise RlhfError("need --batch-size >= 1, --shots >= 0 and --limit >= 1")
-    if cfg.shots and not cfg.dev:
-        raise RlhfError(f"--shots {cfg.shots} needs --dev, the file or folder the examples come from", "e.g. --dev mmlu/dev/")
+    check(cfg)
+    k = cfg.n_shots
+    if k and not cfg.dev:
+        raise RlhfError(f"--shots {k} needs --dev, the file or folder the examples come from", "e.g. --dev mmlu/dev/")
     fields = parse_fields(list(cfg.fields), FIELDS)
-    questions = select(load_questions(cfg.data, fields), cfg.subjects, cfg.limit, cfg.data)
+    questions = select(load_questions(cfg.data, fields), cfg.subject_names, cfg.limit, cfg.data)
     shots: dict[str, list[Question]] = {}
-    if cfg.shots:
+    if k and cfg.dev:  # validated above: shots need dev
         pool: dict[str, list[Question]] = {}
         for q in load_questions(cfg.dev, fields, split="dev"):
             pool.setdefault(q.subject, []).append(q)
         for s in dict.fromkeys(q.subject for q in questions):
             have = pool.get(s, pool.get("", []))
-            if len(have) < cfg.shots:
-                raise RlhfError(f"{cfg.dev}: {len(have)} dev examples for subject {s!r}, --shots wants {cfg.shots}",
-                                f"give a {s}_dev.csv with at least {cfg.shots} rows, or lower --shots")
-            shots[s] = have[: cfg.shots]
+            if len(have) < k:
+                raise RlhfError(f"{cfg.dev}: {len(have)} dev examples for subject {s!r}, --shots wants {k}",
+                                f"give a {s}_dev.csv with at least {k} rows, or lower --shots")
+            shots[s] = have[:k]
     return questions, shots
 
 
@@ -356,7 +368,7 @@ def evaluate(cfg: McConfig, spec: Any, questions: list[Question], shots: dict[st
     acc, acc_se = mean_stderr(correct)
     acc_norm, acc_norm_se = mean_stderr(correct_norm)
     metrics = {"acc": acc, "acc_stderr": acc_se, "acc_norm": acc_norm, "acc_norm_stderr": acc_norm_se}
-    extra: dict[str, Any] = {"scoring": cfg.scoring, "shots": cfg.shots, "format": cfg.format}
+    extra: dict[str, Any] = {"scoring": cfg.scoring, "shots": cfg.n_shots, "format": cfg.format}
     by_subject: dict[str, list[int]] = {}
     for k, q in enumerate(questions):
         by_subject.setdefault(q.subject, []).append(k)

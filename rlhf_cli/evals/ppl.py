@@ -16,42 +16,49 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 
 import typer
 
+from rlhf_cli.config import check, from_cli
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, parse_fields
-from rlhf_cli.options import DeviceOpt, DtypeOpt, TrustOpt, check_choice
+from rlhf_cli.options import ConfigOpt, DeviceOpt, DtypeOpt, TrustOpt
 
 
 @dataclass(frozen=True)
 class PplConfig:
     data: str
-    models: tuple[str, ...]
+    models: tuple[str, ...] = ()
     max_len: int = 1024
     batch_size: int = 8
     limit: int | None = None
-    text_field: str = "text"
+    fields: tuple[str, ...] = ()  # text=COLUMN, as --field (default column: text)
     log_samples: str | None = None
     plot: str | None = None
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
 
+    COMMAND: ClassVar[str] = "eval ppl"
+    FLAGS: ClassVar[dict[str, str]] = {"models": "--model", "fields": "--field"}
+    LIMITS: ClassVar[dict[str, Any]] = {"max_len": ">= 2", "batch_size": ">= 1", "limit": ">= 1", "dtype": ("fp32", "bf16")}
+
 
 def command(
+    ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="JSONL with a text per row, or '-'.", show_default=False)],
-    models: ModelsOpt,
-    max_len: Annotated[int, typer.Option("--max-len", help="Tokens per window; longer texts are split.")] = 1024,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward.")] = 8,
-    limit: LimitOpt = None,
-    field: FieldOpt = None,
-    log_samples: LogSamplesOpt = None,
-    plot: PlotOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    trust_remote_code: TrustOpt = False,
+    models: ModelsOpt = None,  # type: ignore[assignment]
+    max_len: Annotated[int, typer.Option("--max-len", help="Tokens per window; longer texts are split.")] = PplConfig.max_len,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward.")] = PplConfig.batch_size,
+    limit: LimitOpt = PplConfig.limit,
+    fields: FieldOpt = None,
+    log_samples: LogSamplesOpt = PplConfig.log_samples,
+    plot: PlotOpt = PplConfig.plot,
+    device: DeviceOpt = PplConfig.device,
+    dtype: DtypeOpt = PplConfig.dtype,
+    trust_remote_code: TrustOpt = PplConfig.trust_remote_code,
+    config: ConfigOpt = None,
 ) -> None:
     """Perplexity (per token and per byte) of text rows under each model.
 
@@ -64,16 +71,13 @@ def command(
 
       rlhf eval ppl notes.jsonl -m sft/ --field text=body --max-len 1024
     """
-    fields = parse_fields(field, ("text",))
-    run(PplConfig(data=data, models=tuple(models), max_len=max_len, batch_size=batch_size, limit=limit,
-                  text_field=fields.get("text", "text"), log_samples=log_samples, plot=plot, device=device,
-                  dtype=check_choice("--dtype", dtype, ("fp32", "bf16")), trust_remote_code=trust_remote_code))
+    run(from_cli(PplConfig, ctx, {**locals(), "models": tuple(models or ()), "fields": tuple(fields or ())}, config))
 
 
 def load_texts(path: str, key: str, limit: int | None) -> list[tuple[str, str]]:
     from rlhf_cli.data.jsonl import read_jsonl
 
-    out = []
+    out: list[tuple[str, str]] = []
     for line in read_jsonl(path):
         if limit is not None and len(out) >= limit:
             break
@@ -92,11 +96,11 @@ def windows(ids: list[int], max_len: int) -> list[list[int]]:
 def run(cfg: PplConfig) -> list[EvalResult]:
     from rlhf_cli.evals.base import report
 
+    # 1. options and every text before any model loads
+    check(cfg)
     if not cfg.models:
         raise RlhfError("give at least one --model")
-    if cfg.max_len < 2:
-        raise RlhfError("--max-len must be >= 2")
-    texts = load_texts(cfg.data, cfg.text_field, cfg.limit)
+    texts = load_texts(cfg.data, parse_fields(list(cfg.fields), ("text",)).get("text", "text"), cfg.limit)
     results = [evaluate(cfg, m, texts) for m in cfg.models]
     report(results, cfg.data, cfg.log_samples, cfg.plot)
     return results

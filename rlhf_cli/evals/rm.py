@@ -19,30 +19,40 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import typer
 
+from rlhf_cli.config import check, from_cli
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, mean_stderr, parse_fields
-from rlhf_cli.options import DeviceOpt, DtypeOpt, TrustOpt, check_choice
+from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, PlotOpt, mean_stderr, parse_fields
+from rlhf_cli.options import ConfigOpt, DeviceOpt, DtypeOpt, TrustOpt
 
 
 @dataclass(frozen=True)
 class RmEvalConfig:
     data: str
-    models: tuple[str, ...]
+    models: tuple[str, ...] = ()  # reward checkpoints from `rlhf train-rm`
     batch_size: int = 16
     limit: int | None = None
-    fields: tuple[tuple[str, str], ...] = ()
+    fields: tuple[str, ...] = ()  # NAME=COLUMN, as --field
     log_samples: str | None = None
     plot: str | None = None
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
 
+    COMMAND: ClassVar[str] = "eval rm"
+    FLAGS: ClassVar[dict[str, str]] = {"models": "--model", "fields": "--field"}
+    LIMITS: ClassVar[dict[str, Any]] = {"batch_size": ">= 1", "limit": ">= 1", "dtype": ("fp32", "bf16")}
+
 
 FIELDS = ("prompt", "messages", "chosen", "rejected", "ranking")
+# -m/--model as in every other kind; here the models are reward models (`ppo` takes one as --reward)
+RewardModelsOpt = Annotated[
+    list[str],
+    typer.Option("--model", "-m", help="Reward-model directory from `rlhf train-rm` (repeat to compare)."),
+]
 
 
 @dataclass(frozen=True)
@@ -55,20 +65,22 @@ class Pair:
 
 
 def command(
+    ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="Preference JSONL (any `train-rm` layout), or '-'.", show_default=False)],
-    models: ModelsOpt,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward.")] = 16,
-    limit: LimitOpt = None,
-    field: FieldOpt = None,
-    log_samples: LogSamplesOpt = None,
-    plot: PlotOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    trust_remote_code: TrustOpt = False,
+    models: RewardModelsOpt = None,  # type: ignore[assignment]
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward.")] = RmEvalConfig.batch_size,
+    limit: LimitOpt = RmEvalConfig.limit,
+    fields: FieldOpt = None,
+    log_samples: LogSamplesOpt = RmEvalConfig.log_samples,
+    plot: PlotOpt = RmEvalConfig.plot,
+    device: DeviceOpt = RmEvalConfig.device,
+    dtype: DtypeOpt = RmEvalConfig.dtype,
+    trust_remote_code: TrustOpt = RmEvalConfig.trust_remote_code,
+    config: ConfigOpt = None,
 ) -> None:
     """Reward-model accuracy on held-out preferences, with reward-vs-length diagnostics.
 
-    -m takes reward checkpoints from `rlhf train-rm` (repeat to compare). Prints one JSON line
+    -m/--model takes reward checkpoints from `rlhf train-rm` (repeat to compare). Prints one JSON line
     {"kind": "rm", "results": [{"model", "n", "accuracy", "accuracy_stderr", "margin",
     "length_corr", "prefers_longer", "labels_prefer_longer"}]} and a table on stderr.
 
@@ -78,9 +90,7 @@ def command(
 
       rlhf eval rm hh_rlhf/helpful-base/test.jsonl.gz -m rm-a/ -m rm-b/ --limit 500 --log-samples rm.jsonl
     """
-    run(RmEvalConfig(data=data, models=tuple(models), batch_size=batch_size, limit=limit,
-                     fields=tuple(parse_fields(field, FIELDS).items()), log_samples=log_samples, plot=plot,
-                     device=device, dtype=check_choice("--dtype", dtype, ("fp32", "bf16")), trust_remote_code=trust_remote_code))
+    run(from_cli(RmEvalConfig, ctx, {**locals(), "models": tuple(models or ()), "fields": tuple(fields or ())}, config))
 
 
 def load_pairs(path: str, limit: int | None, fields: dict[str, str] | None = None) -> list[Pair]:
@@ -89,7 +99,8 @@ def load_pairs(path: str, limit: int | None, fields: dict[str, str] | None = Non
     from rlhf_cli.data.jsonl import Line, read_jsonl
     from rlhf_cli.data.pref_data import parse_pref_row
 
-    rename = {col: name for name, col in (fields or {}).items()}
+    fields = fields or {}
+    rename = {col: name for name, col in fields.items()}
     pairs: list[Pair] = []
     for line in read_jsonl(path):
         if rename:
@@ -134,9 +145,11 @@ def pair_metrics(r_chosen: list[float], r_rejected: list[float], pairs: list[Pai
 def run(cfg: RmEvalConfig) -> list[EvalResult]:
     from rlhf_cli.evals.base import report
 
+    # 1. options and every pair before any model loads
+    check(cfg)
     if not cfg.models:
         raise RlhfError("give at least one reward model with -m RM_DIR")
-    pairs = load_pairs(cfg.data, cfg.limit, dict(cfg.fields))
+    pairs = load_pairs(cfg.data, cfg.limit, parse_fields(list(cfg.fields), FIELDS))
     results = [evaluate(cfg, m, pairs) for m in cfg.models]
     report(results, cfg.data, cfg.log_samples, cfg.plot)
     return results

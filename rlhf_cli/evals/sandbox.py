@@ -223,7 +223,7 @@ def run_program(program: str, box: Sandbox = Sandbox()) -> Outcome:
     if rc == -signal.SIGXCPU:  # the CPU backstop fired before the wall-clock kill (a starved parent): still a timeout
         return Outcome("timeout", f"killed by SIGXCPU after {seconds:.1f}s (CPU time limit)", output, seconds, layers)
     if rc < 0:
-        why = {signal.SIGXFSZ: "file size limit"}.get(-rc, "")
+        why = "file size limit" if -rc == signal.SIGXFSZ else ""
         error = f"killed by {signal.Signals(-rc).name}" + (f" ({why})" if why else "")
     else:
         error = f"exited with code {rc} before the tests finished"

@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Annotated, Any
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, ClassVar
 
 import typer
 
+from rlhf_cli.config import check, from_cli
 from rlhf_cli.console import warn
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.alpaca_data import (
@@ -60,6 +61,7 @@ from rlhf_cli.options import (
     BaseUrlOpt,
     CacheDirOpt,
     ConcurrencyOpt,
+    ConfigOpt,
     DeviceOpt,
     DtypeOpt,
     MaxCostOpt,
@@ -74,58 +76,67 @@ EXIT_STOPPED = 3  # the judge stopped early (--max-cost, a human's quit): the su
 GEN = "Generation (-m)"
 
 
+JUDGE = JudgeOptions()
+
+
 @dataclass(frozen=True)
 class WinrateConfig:
     outputs: tuple[str, ...] = ()
-    reference: str | None = None
+    reference: str | None = None  # the reference outputs file
     models: tuple[str, ...] = ()
     annotations: tuple[str, ...] = ()
     judge: str | None = None
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: tuple[str, ...] = ()  # NAME=COLUMN, as --field
     limit: int | None = None
     both_orders: bool | None = None  # None: both for every pair judge but `human`
     weighted: bool = False
     difficulty: str | None = None
     max_new_tokens: int = 512
     temperature: float = 0.0
-    batch_size: int = 8
-    seed: int = 0
     log_samples: str | None = None
     plot: str | None = None
-    device: str = "auto"
-    dtype: str = "fp32"
-    trust_remote_code: bool = False
-    judge_options: JudgeOptions = field(default_factory=JudgeOptions)
+    judge_options: JudgeOptions = JUDGE  # the judge's knobs, and --seed, --batch-size, --device, --dtype for -m too
+
+    COMMAND: ClassVar[str] = "eval winrate"
+    FLAGS: ClassVar[dict[str, str]] = {"models": "--model", "fields": "--field", "difficulty": "--instruction-difficulty"}
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"max_retries", "timeout"})  # --config FILE
+    LIMITS: ClassVar[dict[str, Any]] = {"limit": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0"}
+
+    @property
+    def seed(self) -> int:
+        return self.judge_options.seed
 
 
 def command(
+    ctx: typer.Context,
     outputs: Annotated[list[str] | None, typer.Argument(help="Candidate outputs (AlpacaEval JSON array or JSONL; one result each), or '-'.", show_default=False)] = None,
-    reference: Annotated[str | None, typer.Option("--reference", "-r", help="Reference outputs, matched to candidates by instruction.")] = None,
-    model: ModelsOpt = None,  # type: ignore[assignment]
+    reference: Annotated[str | None, typer.Option("--reference", "-r", help="Reference outputs, matched to candidates by instruction.")] = WinrateConfig.reference,
+    models: ModelsOpt = None,  # type: ignore[assignment]
     annotations: Annotated[list[str] | None, typer.Option("--annotations", help="AlpacaEval annotations.json: score its preferences, no judge (repeatable).")] = None,
-    judge: Annotated[str | None, typer.Option("--judge", "-j", help="rule:... | rm:PATH | lm:MODEL | api:MODEL | human (as in `rlhf pairwise`).")] = None,
+    judge: Annotated[str | None, typer.Option("--judge", "-j", help="rule:... | rm:PATH | lm:MODEL | api:MODEL | human (as in `rlhf pairwise`).")] = WinrateConfig.judge,
     fields: FieldOpt = None,
-    limit: LimitOpt = None,
-    both_orders: Annotated[bool | None, typer.Option("--both-orders/--one-order", help="Pair judges: ask A|B and B|A, disagreement is a tie. Default: both, one for human.", show_default=False)] = None,
-    weighted: Annotated[bool, typer.Option("--weighted", help="Use the judge's P(better), averaged over both orders, as the preference (AlpacaEval 2's weighted judge).")] = False,
-    difficulty: Annotated[str | None, typer.Option("--instruction-difficulty", help="AlpacaEval's instruction_difficulty.csv (index = reference row): adds the GLM's difficulty term.")] = None,
-    log_samples: LogSamplesOpt = None,
-    plot: PlotOpt = None,
-    seed: SeedOpt = 0,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="-m: longest output, in tokens.", rich_help_panel=GEN)] = 512,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="-m: 0 = greedy.", rich_help_panel=GEN)] = 0.0,
-    answer_field: Annotated[str, typer.Option("--answer-field", help="rule: the reference-row field holding the reference answer.", rich_help_panel=JUDGE_PANEL)] = "answer",
-    template: TemplateOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = "OPENAI_API_KEY",
-    concurrency: ConcurrencyOpt = 4,
-    prices: PricesOpt = None,
-    max_cost: MaxCostOpt = None,
-    cache_dir: CacheDirOpt = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="lm / rm judge and -m generation: sequences per forward pass.")] = 8,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    trust_remote_code: TrustOpt = False,
+    limit: LimitOpt = WinrateConfig.limit,
+    both_orders: Annotated[bool | None, typer.Option("--both-orders/--one-order", help="Pair judges: ask A|B and B|A, disagreement is a tie. Default: both, one for human.", show_default=False)] = WinrateConfig.both_orders,
+    weighted: Annotated[bool, typer.Option("--weighted", help="Use the judge's P(better), averaged over both orders, as the preference (AlpacaEval 2's weighted judge).")] = WinrateConfig.weighted,
+    difficulty: Annotated[str | None, typer.Option("--instruction-difficulty", help="AlpacaEval's instruction_difficulty.csv (index = reference row): adds the GLM's difficulty term.")] = WinrateConfig.difficulty,
+    log_samples: LogSamplesOpt = WinrateConfig.log_samples,
+    plot: PlotOpt = WinrateConfig.plot,
+    seed: SeedOpt = JUDGE.seed,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="-m: longest output, in tokens.", rich_help_panel=GEN)] = WinrateConfig.max_new_tokens,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="-m: 0 = greedy.", rich_help_panel=GEN)] = WinrateConfig.temperature,
+    reference_field: Annotated[str, typer.Option("--answer-field", help="rule: the reference-row field holding the reference answer (pairwise's --reference; here --reference is the file).", rich_help_panel=JUDGE_PANEL)] = JUDGE.reference_field,
+    template: TemplateOpt = JUDGE.template,
+    base_url: BaseUrlOpt = JUDGE.base_url,
+    api_key_env: ApiKeyEnvOpt = JUDGE.api_key_env,
+    concurrency: ConcurrencyOpt = JUDGE.concurrency,
+    prices: PricesOpt = JUDGE.prices,
+    max_cost: MaxCostOpt = JUDGE.max_cost,
+    cache_dir: CacheDirOpt = JUDGE.cache_dir,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="lm / rm judge and -m generation: sequences per forward pass.")] = JUDGE.batch_size,
+    device: DeviceOpt = JUDGE.device,
+    dtype: DtypeOpt = JUDGE.dtype,
+    trust_remote_code: TrustOpt = JUDGE.trust_remote_code,
+    config: ConfigOpt = None,
 ) -> None:
     """Judged win rate of candidate outputs against reference outputs, with AlpacaEval 2's length control.
 
@@ -145,18 +156,9 @@ def command(
 
       rlhf eval winrate samples.jsonl --reference ref.jsonl --field instruction=prompt --judge rm:rm/
     """
-    opts = JudgeOptions(
-        reference=answer_field, template=template, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
-        cache_dir=cache_dir, prices=prices, max_cost=max_cost, device=device, dtype=dtype, batch_size=batch_size,
-        trust_remote_code=trust_remote_code, seed=seed,
-    )
-    cfg = WinrateConfig(
-        outputs=tuple(outputs or ()), reference=reference, models=tuple(model or ()), annotations=tuple(annotations or ()),
-        judge=judge, fields=parse_fields(fields, FIELDS), limit=limit, both_orders=both_orders, weighted=weighted,
-        difficulty=difficulty, max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed,
-        log_samples=log_samples, plot=plot, device=device, dtype=dtype, trust_remote_code=trust_remote_code, judge_options=opts,
-    )
-    results = run(cfg)
+    params = {**locals(), "outputs": tuple(outputs or ()), "models": tuple(models or ()), "annotations": tuple(annotations or ()),
+              "fields": tuple(fields or ())}
+    results = run(from_cli(WinrateConfig, ctx, params, config))
     if any(r.extra.get("stopped") for r in results):
         raise typer.Exit(EXIT_STOPPED)
 
@@ -164,7 +166,9 @@ def command(
 # ---------------------------------------------------------------------------------- the run
 
 
-def _validate(cfg: WinrateConfig) -> None:
+def validate(cfg: WinrateConfig) -> dict[str, str]:
+    """Ranges and which inputs go together; returns the --field mapping."""
+    check(cfg)
     if cfg.annotations and (cfg.outputs or cfg.models or cfg.reference or cfg.judge):
         raise RlhfError("--annotations already holds both outputs and preferences", "give --annotations alone, or outputs/-m with --reference and --judge")
     if not cfg.annotations:
@@ -174,24 +178,21 @@ def _validate(cfg: WinrateConfig) -> None:
             raise RlhfError("nothing to evaluate", "give candidate output files, or -m MODEL to generate them")
         if not cfg.judge:
             raise RlhfError("--judge is required to compare outputs", "e.g. --judge api:gpt-4o-mini, --judge lm:MODEL, --judge rm:PATH")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise RlhfError("--limit must be >= 1")
-    if cfg.batch_size < 1 or cfg.max_new_tokens < 1 or cfg.temperature < 0:
-        raise RlhfError("need --batch-size >= 1, --max-new-tokens >= 1 and --temperature >= 0")
+    return parse_fields(list(cfg.fields), FIELDS)
 
 
 def run(cfg: WinrateConfig, judge: Any = None) -> list[EvalResult]:
     """Read and match everything, generate for each -m, judge, score; `judge` overrides cfg.judge (tests)."""
     # 1. read and validate all input before any model or judge
-    _validate(cfg)
+    fields = validate(cfg)
     difficulty = read_difficulty(cfg.difficulty) if cfg.difficulty else None
     if cfg.annotations:
         sets = [read_annotations(p, cfg.limit) for p in cfg.annotations]
         results = [score_set(label, pairs, None, difficulty, cfg.difficulty) for label, pairs in sets]
         report(results, ", ".join(cfg.annotations), cfg.log_samples, cfg.plot)
         return results
-    refs = read_outputs(cfg.reference, cfg.fields)  # type: ignore[arg-type]
-    sets = [(label_of(p, rows), match(rows, refs, cfg.reference, cfg.limit)) for p in cfg.outputs for rows in [read_outputs(p, cfg.fields)]]  # type: ignore[arg-type]
+    refs = read_outputs(cfg.reference, fields)  # type: ignore[arg-type]
+    sets = [(label_of(p, rows), match(rows, refs, cfg.reference, cfg.limit)) for p in cfg.outputs for rows in [read_outputs(p, fields)]]  # type: ignore[arg-type]
     refs = refs[: cfg.limit]
     if difficulty is not None:
         lookup_difficulty(difficulty, _ref_pairs(refs, [r.output for r in refs], "reference"), cfg.difficulty)
@@ -204,7 +205,7 @@ def run(cfg: WinrateConfig, judge: Any = None) -> list[EvalResult]:
     # 2. the judge (a missing API key fails here, before any generation), then each -m model in turn
     from rlhf_cli.judges import build_judge
 
-    judge = judge or build_judge(cfg.judge, replace(cfg.judge_options, seed=cfg.seed))  # type: ignore[arg-type]
+    judge = judge or build_judge(cfg.judge, cfg.judge_options)  # type: ignore[arg-type]
     try:
         for m in cfg.models:
             sets.append((m, _ref_pairs(refs, generate_outputs(m, [r.instruction for r in refs], cfg), m)))
@@ -220,7 +221,7 @@ def run(cfg: WinrateConfig, judge: Any = None) -> list[EvalResult]:
     # 4. score each set, then the shared summary / table / sample log / plot
     results = []
     for (label, pairs), verdicts in zip(sets, judged, strict=True):
-        pairs = [p._replace(preference=v["preference"]) for p, v in zip(pairs, verdicts, strict=True)]
+        pairs = [replace(p, preference=v["preference"]) for p, v in zip(pairs, verdicts, strict=True)]
         res = score_set(label, pairs, verdicts, difficulty, cfg.difficulty)
         res.extra.update(judge=desc, cost=sum(v.get("cost", 0.0) for v in verdicts), stopped=stopped)
         results.append(res)
@@ -256,7 +257,7 @@ def score_set(label: str, pairs: list[Pair], verdicts: list[dict[str, Any]] | No
             row["judge"] = {key: v for key, v in verdicts[k].items() if key != "preference"}
         samples.append(row)
     extra: dict[str, Any] = {"discrete_win_rate": stats["discrete_win_rate"], "n_dropped": stats["n_dropped"], "lc_weights": lc["weights"]}
-    return EvalResult("winrate", label, metrics, stats["n_total"], "win_rate", samples, extra)
+    return EvalResult("winrate", label, metrics, int(stats["n_total"]), "win_rate", samples, extra)
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -269,21 +270,23 @@ def _mean(xs: Sequence[float]) -> float:
 def generate_outputs(spec_str: str, instructions: list[str], cfg: WinrateConfig) -> list[str]:
     """One output per instruction from MODEL: chat template, batched, seeded per batch (as `rlhf sample`)."""
     from rlhf_cli import runtime
-    from rlhf_cli.generation import SamplingParams, batch_seed, generate, render_prompt
+    from rlhf_cli.data.records import render_prompt
+    from rlhf_cli.generation import SamplingParams, batch_seed, generate
     from rlhf_cli.metrics import progress_bar
     from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
 
+    opts = cfg.judge_options  # --batch-size, --device, --dtype serve the judge and -m alike
     spec = parse_model_spec(spec_str)
-    tok = load_tokenizer(spec, cfg.trust_remote_code)
-    device = runtime.pick_device(cfg.device)
-    model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
+    tok = load_tokenizer(spec, opts.trust_remote_code)
+    device = runtime.pick_device(opts.device)
+    model = load_model(spec, tok, opts.dtype, opts.trust_remote_code).to(device).eval()
     params = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     prompts = [render_prompt(tok, ins, None, "chat") for ins in instructions]
     texts: list[str] = []
     with progress_bar(True) as bar:
         task = bar.add_task(f"generate {spec_str}", total=len(prompts), stats="")
-        for b in range(0, len(prompts), cfg.batch_size):
-            chunk = prompts[b : b + cfg.batch_size]
+        for b in range(0, len(prompts), opts.batch_size):
+            chunk = prompts[b : b + opts.batch_size]
             seed = batch_seed(cfg.seed, [str(k) for k in range(b, b + len(chunk))])
             texts += [comps[0].text for comps in generate(model, tok, chunk, params, device, seed)]
             bar.update(task, advance=len(chunk))
@@ -305,8 +308,9 @@ def preference_of(d: Any, weighted: bool) -> float | None:
 def judge_sets(judge: Any, sets: list[list[Pair]], cfg: WinrateConfig) -> tuple[list[list[dict[str, Any]]], str | None]:
     """Judge every (reference, candidate) pair; -> per set, per pair {"preference", evidence...}, and
     why the judge stopped early (None if it answered everything)."""
+    from rlhf_cli.data.records import Item
     from rlhf_cli.judges import combine
-    from rlhf_cli.judges.base import Ask, Item, ScoreJudge
+    from rlhf_cli.judges.base import Ask, ScoreJudge
     from rlhf_cli.metrics import progress_bar
 
     items = [[Item(f"{s}:{p.index}", p.instruction, (p.reference, p.candidate), p.row, None, p.where) for p in pairs] for s, pairs in enumerate(sets)]
@@ -317,7 +321,7 @@ def judge_sets(judge: Any, sets: list[list[Pair]], cfg: WinrateConfig) -> tuple[
                 part = its[b : b + 256]
                 for k, (it, (s0, s1)) in enumerate(zip(part, judge.score(part), strict=True), start=b):
                     if s0 is None or s1 is None:
-                        raise RlhfError(f"{it.where}: the judge could not score this pair (no {cfg.judge_options.reference!r} field in the reference row?)",
+                        raise RlhfError(f"{it.where}: the judge could not score this pair (no {cfg.judge_options.reference_field!r} field in the reference row?)",
                                         "rule judges read the reference answer from --answer-field FIELD of the reference file")
                     d = combine.score_decision(0, 1, s0, s1)
                     out[s][k] = {"preference": preference_of(d, False), "scores": [s0, s1]}

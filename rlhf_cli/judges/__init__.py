@@ -7,9 +7,9 @@ a rule judge never imports torch. See `base.py` for the interface.
 from __future__ import annotations
 
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.judges.base import Ask, Item, JudgeOptions, PairJudge, ScoreJudge, Verdict
+from rlhf_cli.judges.base import Ask, JudgeOptions, PairJudge, ScoreJudge, Verdict
 
-__all__ = ["Ask", "Item", "JudgeOptions", "PairJudge", "ScoreJudge", "Verdict", "build_judge", "JUDGE_SPECS"]
+__all__ = ["Ask", "JudgeOptions", "PairJudge", "ScoreJudge", "Verdict", "build_judge", "JUDGE_SPECS"]
 
 JUDGE_SPECS = "rule:exact|rule:last-number|rule:gsm8k|rule:regex:PATTERN|rule:FILE.py:FN, rm:PATH, lm:MODEL, api:MODEL or human"
 

@@ -54,7 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from rlhf_cli.console import warn
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.judges.base import Ask, JudgeOptions, Verdict
+from rlhf_cli.judges.base import Ask, JudgeOptions, Verdict, Winner
 from rlhf_cli.judges.template import load_template
 
 OPENAI_URL = "https://api.openai.com/v1"
@@ -118,10 +118,10 @@ def resolve_price(model: str, prices: str | None, local: bool) -> Price | None:
         except (AttributeError, KeyError, TypeError, ValueError):
             raise RlhfError(f"{prices}: every entry needs numeric input and output prices",
                             '{"model": {"input": 0.15, "output": 0.60}} ($ per million tokens)') from None
-        price = lookup_price(model, table)
-        if price is None:
+        found = lookup_price(model, table)
+        if found is None:
             raise RlhfError(f"{prices}: no price for model {model!r}", f'add "{model}": {{"input": ..., "output": ...}}')
-        return price
+        return found
     if local:
         return Price(0.0, 0.0)
     return lookup_price(model, PRICES)
@@ -212,11 +212,13 @@ def p_a_from_logprobs(content: list[dict[str, Any]] | None) -> float | None:
     return mass["a"] / (mass["a"] + mass["b"])
 
 
-def winner_of(p_a: float | None, text: str) -> str | None:
+def winner_of(p_a: float | None, text: str) -> Winner | None:
     if p_a is not None:
         return "A" if p_a > 0.5 else "B" if p_a < 0.5 else "tie"
     m = _LETTER.search(text)
-    return m.group(1).upper() if m else None
+    if m is None:
+        return None
+    return "A" if m.group(1).upper() == "A" else "B"
 
 
 class _Retryable(Exception):
@@ -385,7 +387,7 @@ class ApiJudge:
         extra: dict[str, Any] = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if self._logprobs else {}
         try:
             resp = self._client.chat.completions.create(
-                model=self.model, messages=msgs, temperature=0, max_tokens=MAX_TOKENS, **extra
+                model=self.model, messages=msgs, temperature=0, max_tokens=MAX_TOKENS, **extra,  # type: ignore[arg-type]  # role/content dicts, as the API takes them
             )
         except openai.APIStatusError as e:
             status, message = e.status_code, self._scrub(_error_text(e))

@@ -1,4 +1,6 @@
-"""What every judge of `rlhf pairwise` implements, and the records they work on.
+"""What every judge of `rlhf pairwise` implements: the questions it is asked and the answers it gives.
+
+Judges work on `Item`s: a sample row and its K completions (the record lives in data/records.py).
 
 Two kinds of judge:
 
@@ -15,7 +17,7 @@ is given), or stop early (`api` at `--max-cost`, `human` at quit). It sets `stop
 when it stops early, so `pairwise` can tell the user that a rerun with `--resume` continues.
 
     from rlhf_cli.judges import build_judge
-    judge = build_judge("rule:last-number", JudgeOptions(reference="answer"))
+    judge = build_judge("rule:last-number", JudgeOptions(reference_field="answer"))
     judge.score([item])            # -> [[1.0, 0.0, 1.0]]
 """
 
@@ -23,26 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from rlhf_cli.data.records import Item
 
 Winner = Literal["A", "B", "tie"]
-
-
-@dataclass(frozen=True)
-class Item:
-    """One sample row under judgement: a prompt and its K completions.
-
-    `prompt` is the user-visible prompt text (for `messages` rows, the conversation rendered as
-    plain text; `messages` keeps the structure for judges that want it). `row` is the whole input
-    row: a judge may read reference fields from it (`answer`), never write to it.
-    """
-
-    id: str | int
-    prompt: str
-    completions: tuple[str, ...]
-    row: dict[str, Any]
-    messages: tuple[dict[str, str], ...] | None = None
-    where: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,9 +71,13 @@ class Verdict:
 
 @dataclass(frozen=True)
 class JudgeOptions:
-    """Everything a judge may need from the command line; each judge reads the fields it uses."""
+    """Everything a judge may need from the command line; each judge reads the fields it uses.
 
-    reference: str = "answer"  # rule: the row field holding the reference answer
+    `pairwise` and `eval winrate` hold one as `judge_options` and fill it from their flags (their
+    names are these fields; the flags are declared once in options.py).
+    """
+
+    reference_field: str = "answer"  # rule / human: the row field holding the reference answer
     template: str | None = None  # lm / api: a pairwise prompt template file (None = built-in)
     base_url: str | None = None  # api: an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1
     api_key_env: str = "OPENAI_API_KEY"  # api: the *name* of the environment variable holding the key
@@ -101,6 +92,11 @@ class JudgeOptions:
     batch_size: int = 8  # lm / rm
     trust_remote_code: bool = False
     seed: int = 0
+
+    LIMITS: ClassVar[dict[str, Any]] = {
+        "concurrency": ">= 1", "max_retries": ">= 0", "timeout": "> 0", "max_cost": ">= 0", "batch_size": ">= 1",
+        "dtype": ("fp32", "bf16", "fp16"),
+    }
 
 
 @runtime_checkable

@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rlhf_cli.judges.base import Item, Verdict
+from rlhf_cli.data.records import Item
+from rlhf_cli.judges.agreement import LabelIndex
+from rlhf_cli.judges.base import Verdict
 
 
 @dataclass(frozen=True)
@@ -256,9 +258,9 @@ def ranking_row(item: Item, decisions: Sequence[Decision], scores: Sequence[floa
 @dataclass
 class Tally:
     """What `pairwise` reports: counts over asks and decisions, and (judge class, human class) per
-    pair matched to a human label (`labels`: an agreement.LabelIndex) for --against."""
+    pair matched to a human label (`labels`) for --against."""
 
-    labels: Any = None  # agreement.LabelIndex
+    labels: LabelIndex | None = None
     prompts: int = 0
     pairs: int = 0
     asks: int = 0

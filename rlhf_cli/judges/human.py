@@ -36,8 +36,9 @@ import tty
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
+from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.judges.base import Ask, Item, JudgeOptions, Verdict, Winner
+from rlhf_cli.judges.base import Ask, JudgeOptions, Verdict, Winner
 
 # key name -> verdict winner (None = skip); the key name is the verdict's `raw`
 ANSWERS: dict[str, Winner | None] = {"a": "A", "1": "A", "left": "A", "b": "B", "2": "B", "right": "B", "t": "tie", "=": "tie", "s": None}
@@ -110,7 +111,7 @@ class HumanJudge:
     def __init__(self, opts: JudgeOptions, terminal: str = "/dev/tty", undo: int = 1) -> None:
         if undo < 1:
             raise ValueError("undo must be >= 1: the latest answer is always held back")
-        self.reference = opts.reference
+        self.reference = opts.reference_field
         self.undo = undo
         self.stopped: str | None = None
         self.fd: int | None = None

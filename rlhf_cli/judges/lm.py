@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.judges.base import Ask, JudgeOptions, Verdict
+from rlhf_cli.judges.base import Ask, JudgeOptions, Verdict, Winner
 from rlhf_cli.judges.template import load_template
 
 CHOICES = {"a": ("a", " a", "A", " A"), "b": ("b", " b", "B", " B")}
@@ -115,7 +115,7 @@ class LocalLMJudge:
         import math
 
         p_a = 1.0 / (1.0 + math.exp(-d)) if d > -700 else 0.0  # sigmoid(z_A - z_B), no overflow
-        winner = "A" if d > 0 else "B" if d < 0 else "tie"
+        winner: Winner = "A" if d > 0 else "B" if d < 0 else "tie"
         raw = f"p_a={p_a:.4f}" + (" truncated" if truncated else "")
         return Verdict(winner, p_a=p_a, raw=raw, usage={"prompt_tokens": n_prompt, "completion_tokens": 0})
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import orjson
 
+from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.judges.base import Item, JudgeOptions
+from rlhf_cli.judges.base import JudgeOptions
 
 
 class RewardModelJudge:
@@ -56,7 +57,8 @@ class RewardModelJudge:
             completions.extend(item.completions)
         flat = score(model, tok, prompts, completions, self.opts.batch_size, device,
                      config.get("format", "chat"), config.get("max_len"))
-        out, i = [], 0
+        out: list[list[float | None]] = []
+        i = 0
         for item in items:
             out.append(list(flat[i : i + len(item.completions)]))
             i += len(item.completions)

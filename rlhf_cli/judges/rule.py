@@ -28,8 +28,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.judges.base import Item, JudgeOptions
+from rlhf_cli.judges.base import JudgeOptions
 
 RULES = "exact, last-number, gsm8k, regex:PATTERN or FILE.py:FN"
 
@@ -89,7 +90,7 @@ class RuleJudge:
 
     def __init__(self, arg: str, opts: JudgeOptions) -> None:
         self.arg = arg
-        self.reference = opts.reference
+        self.reference = opts.reference_field
         self._file_sha: str | None = None
         self._check: Callable[[str, Any], bool | None]
         self._fn: Callable[..., Any] | None = None

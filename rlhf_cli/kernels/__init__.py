@@ -38,10 +38,12 @@ def use_triton(t: torch.Tensor) -> bool:
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False, **kw: Any):
     """log softmax(logits / T)[tokens] (+ entropy) for logits (..., V): see kernels/logprobs.py."""
     if use_triton(logits):
-        from rlhf_cli.kernels import triton_logprobs as impl
-    else:
-        from rlhf_cli.kernels import logprobs as impl
-    return impl.token_logprobs(logits, tokens, with_entropy, **kw)
+        from rlhf_cli.kernels import triton_logprobs
+
+        return triton_logprobs.token_logprobs(logits, tokens, with_entropy, **kw)
+    from rlhf_cli.kernels import logprobs
+
+    return logprobs.token_logprobs(logits, tokens, with_entropy, **kw)
 
 
 def fused_linear_logprobs(
@@ -50,19 +52,23 @@ def fused_linear_logprobs(
 ):
     """Log-probs (+ entropy) from final hidden states (..., H) and lm_head (V, H): see kernels/logprobs.py."""
     if use_triton(hidden):
-        from rlhf_cli.kernels import triton_logprobs as impl
-    else:
-        from rlhf_cli.kernels import logprobs as impl
-    return impl.fused_linear_logprobs(hidden, weight, tokens, bias, with_entropy, **kw)
+        from rlhf_cli.kernels import triton_logprobs
+
+        return triton_logprobs.fused_linear_logprobs(hidden, weight, tokens, bias, with_entropy, **kw)
+    from rlhf_cli.kernels import logprobs
+
+    return logprobs.fused_linear_logprobs(hidden, weight, tokens, bias, with_entropy, **kw)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """(advantages, returns) for right-padded (B, T) rollouts: see kernels/advantages.py."""
     if use_triton(rewards):
-        from rlhf_cli.kernels import triton_gae as impl
-    else:
-        from rlhf_cli.kernels import advantages as impl
-    return impl.gae(rewards, values, mask, gamma, lam)
+        from rlhf_cli.kernels import triton_gae
+
+        return triton_gae.gae(rewards, values, mask, gamma, lam)
+    from rlhf_cli.kernels import advantages
+
+    return advantages.gae(rewards, values, mask, gamma, lam)
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:

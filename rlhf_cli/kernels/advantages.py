@@ -53,7 +53,7 @@ def gae(
 
 
 def _gae_rows(rewards, values, mask, gamma, lam):
-    r, v, m = _prepare(rewards, values, mask)  # r, v: 0 on padding
+    r, v, m = prepare_gae_inputs(rewards, values, mask)  # r, v: 0 on padding
     v_next = F.pad(v[:, 1:], (0, 1))  # V_{t+1} mask_{t+1}: v is already 0 on padding, and 0 past T
     delta = torch.add(r - v, v_next, alpha=gamma)  # (b, T)
     if bool((m[:, 1:] <= m[:, :-1]).all()):
@@ -95,7 +95,7 @@ def gae_loop(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same quantity as `gae`, by the textbook reverse loop over T (the oracle for the tests)."""
-    r, v, m = _prepare(rewards, values, mask)
+    r, v, m = prepare_gae_inputs(rewards, values, mask)
     b, t = r.shape
     adv = torch.zeros_like(r)
     last = torch.zeros(b, dtype=r.dtype, device=r.device)  # A_{t+1}
@@ -136,8 +136,11 @@ def _check_shapes(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
         )
 
 
-def _prepare(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
-    """Checked (B, T) inputs in the compute dtype, with rewards and values zeroed on padding."""
+def prepare_gae_inputs(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked (B, T) inputs in the compute dtype, with rewards and values zeroed on padding
+    (shared with the Triton twin, triton_gae.py)."""
     _check_shapes(rewards, values, mask)
     dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     m = mask.to(dt)

@@ -62,8 +62,8 @@ def token_logprobs(
     logits: (..., V) any float dtype, last dim contiguous; tokens: (...) int; mask: (...) bool or None
     -> logp (...) [, entropy (...)] in float32 (float64 for float64 logits).  chunk: rows per chunk.
     """
-    _check(logits, tokens, mask, temperature)
-    valid = _valid(tokens, mask)
+    check_inputs(logits, tokens, mask, temperature)
+    valid = valid_positions(tokens, mask)
     out = _TokenLogprobs.apply(logits, tokens, valid, float(temperature), bool(with_entropy), chunk)
     return out if with_entropy else out[0]
 
@@ -89,8 +89,8 @@ def fused_linear_logprobs(
     """
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(f"hidden (..., {hidden.shape[-1]}) does not match weight {tuple(weight.shape)}")
-    _check(hidden, tokens, mask, temperature)
-    valid = _valid(tokens, mask)
+    check_inputs(hidden, tokens, mask, temperature)
+    valid = valid_positions(tokens, mask)
     out = _FusedLinearLogprobs.apply(hidden, weight, bias, tokens, valid, float(temperature), bool(with_entropy), chunk)
     return out if with_entropy else out[0]
 
@@ -134,6 +134,7 @@ def chunk_grad(
     scale = LOG2E * inv_t
     t = None
     if gh is not None:
+        assert ez is not None  # an entropy gradient implies the forward computed E_p[z]
         # p (E_p[z] - z) g_H - p g  =  p (a + b x),  a = g_H E_p[z] - g,  b = -g_H / T;  all / T for d/dx
         a = gh * ez if g is None else gh * ez - g
         t = torch.addcmul((a * inv_t)[:, None], (-gh * inv_t * inv_t)[:, None], x.to(out.dtype))  # (c, Vb)
@@ -141,6 +142,7 @@ def chunk_grad(
     if t is not None:
         out.mul_(t)
     else:
+        assert g is not None  # callers return early when neither output got a gradient
         out.mul_((g * -inv_t)[:, None])
     if g is not None:
         idx = y - col0
@@ -157,7 +159,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def forward(ctx, logits, tokens, valid, temperature, with_entropy, chunk):  # type: ignore[override]
         v = logits.shape[-1]
         cdt = _compute_dtype(logits)
-        rows = _chunk_rows(v, chunk, logits.device, LOGITS_BUDGET)
+        rows = chunk_rows(v, chunk, logits.device, LOGITS_BUDGET)
         n = tokens.numel()
         y = tokens.reshape(-1).clamp(min=0)  # padding ids (-100) -> 0; their rows are zeroed below
         logp = torch.empty(n, dtype=cdt, device=logits.device)
@@ -173,14 +175,14 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx.save_for_backward(logits, y, valid, lse, ez)
         ctx.args = (temperature, rows)
         ctx.set_materialize_grads(False)
-        outs = [logp, lse - ez] if with_entropy else [logp]
+        outs = [logp] if ez is None else [logp, lse - ez]
         return tuple(torch.where(valid.reshape(-1), o, 0.0).view(tokens.shape) for o in outs)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         logits, y, valid, lse, ez = ctx.saved_tensors
         temperature, rows = ctx.args
-        g, gh = _masked_grads(grads, valid, lse.dtype)
+        g, gh = masked_grads(grads, valid, lse.dtype)
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if g is None and gh is None:
             return grad.zero_(), None, None, None, None, None
@@ -190,9 +192,9 @@ class _TokenLogprobs(torch.autograd.Function):
         for r0, x in _row_chunks(logits, rows):
             r1 = r0 + x.shape[0]
             sl = slice(r0, r1)
-            out = flat[sl] if direct else scratch[: r1 - r0]
+            out = flat[sl] if scratch is None else scratch[: r1 - r0]
             chunk_grad(x, y[sl], lse[sl], _at(ez, sl), _at(g, sl), _at(gh, sl), 1.0 / temperature, out)
-            if not direct:
+            if scratch is not None:
                 flat[sl].copy_(out)
         return grad, None, None, None, None, None
 
@@ -206,7 +208,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         ctx.save_for_backward(h, weight, bias, y, valid, lse, ez)
         ctx.args = (temperature, hidden.shape, chunk)
         ctx.set_materialize_grads(False)
-        outs = [logp, lse - ez] if with_entropy else [logp]
+        outs = [logp] if ez is None else [logp, lse - ez]
         return tuple(torch.where(valid.reshape(-1), o, 0.0).view(tokens.shape) for o in outs)
 
     @staticmethod
@@ -214,7 +216,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         h, weight, bias, y, valid, lse, ez = ctx.saved_tensors
         temperature, hidden_shape, chunk = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        g, gh = _masked_grads(grads, valid, lse.dtype)
+        g, gh = masked_grads(grads, valid, lse.dtype)
         gi_h, gi_w, gi_b = fused_linear_backward(
             h, weight, bias, y, lse, ez, g, gh, temperature, need_h, need_w, need_b, chunk=chunk
         )
@@ -246,7 +248,7 @@ def fused_linear_forward(h, weight, bias, y, inv_t, with_entropy, chunk=None):
         xy = torch.zeros_like(m)  # the sampled token's logit
         for c0 in range(0, v, vb):
             c1 = min(c0 + vb, v)
-            zt = _linear(hr, weight[c0:c1], None if bias is None else bias[c0:c1], _tile(z, r1 - r0, c1 - c0)).to(cdt)
+            zt = linear_into(hr, weight[c0:c1], None if bias is None else bias[c0:c1], _tile(z, r1 - r0, c1 - c0)).to(cdt)
             m_new = torch.maximum(m, zt.amax(-1))
             alpha = torch.exp2((m - m_new) * scale)  # 0 on the first slice (m = -inf)
             et = torch.add((m_new * -scale)[:, None], zt, alpha=scale, out=_tile(e, r1 - r0, c1 - c0)).exp2_()
@@ -291,7 +293,7 @@ def fused_linear_backward(
         hr_c = hr.to(cdt)
         for c0 in range(0, v, vb):
             c1 = min(c0 + vb, v)
-            zt = _linear(hr, weight[c0:c1], None if bias is None else bias[c0:c1], _tile(z, r1 - r0, c1 - c0))
+            zt = linear_into(hr, weight[c0:c1], None if bias is None else bias[c0:c1], _tile(z, r1 - r0, c1 - c0))
             args = (zt, y[rs], lse[rs], _at(ez, rs), _at(g, rs), _at(gh, rs), inv_t, _tile(zf, r1 - r0, c1 - c0), c0)
             dz = (grad_tile or chunk_grad)(*args)  # (R, Vb): d/dlogits of the tile
             if gi_h is not None:
@@ -316,10 +318,11 @@ def fused_linear_backward(
     return _cast_grads(gi_h, gi_w, gi_b, h, weight, bias)
 
 
-# --- helpers -------------------------------------------------------------------------------------------
+# --- helpers (the public ones are shared with the Triton twin, triton_logprobs.py) ---------------------
 
 
-def _check(x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> None:
+def check_inputs(x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None, temperature: float) -> None:
+    """ValueError unless tokens match x (..., V or H) minus its last dim, mask matches tokens, temperature > 0."""
     if tokens.shape != x.shape[:-1]:
         raise ValueError(f"tokens {tuple(tokens.shape)} must match the leading dims of {tuple(x.shape)}")
     if mask is not None and mask.shape != tokens.shape:
@@ -328,7 +331,8 @@ def _check(x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None, tem
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _valid(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def valid_positions(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Positions that count: a real token (id >= 0) inside the mask."""
     valid = tokens >= 0
     return valid if mask is None else valid & mask.bool()
 
@@ -337,7 +341,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(v: int, chunk: int | None, device: torch.device, budget: dict[str, int]) -> int:
+def chunk_rows(v: int, chunk: int | None, device: torch.device, budget: dict[str, int]) -> int:
+    """Rows per chunk: `chunk` if given, else as many (., V) rows as the device's element budget holds."""
     if chunk is not None:
         return max(1, int(chunk))
     return max(1, budget["cuda" if device.type == "cuda" else "cpu"] // max(v, 1))
@@ -373,14 +378,14 @@ def _tile(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return buf.view(-1)[: rows * cols].view(rows, cols)
 
 
-def _linear(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+def linear_into(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """h @ w.T (+ b) into the preallocated `out` (no fresh (c, V) allocation per chunk)."""
     if b is None:
         return torch.mm(h, w.t(), out=out)
     return torch.addmm(b, h, w.t(), out=out)
 
 
-def _masked_grads(grads, valid: torch.Tensor, dtype: torch.dtype):
+def masked_grads(grads, valid: torch.Tensor, dtype: torch.dtype):
     """Upstream gradients (logp, [entropy]) flattened, in the compute dtype, zero on padding."""
     keep = valid.reshape(-1)
     out = [None if gr is None else torch.where(keep, gr.reshape(-1).to(dtype), 0.0) for gr in grads]

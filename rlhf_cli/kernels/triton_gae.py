@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rlhf_cli.kernels.advantages import _prepare
+from rlhf_cli.kernels.advantages import prepare_gae_inputs
 
 MAX_BLOCK_T = 1024  # time steps per scan tile; longer sequences take several tiles
 
@@ -57,7 +57,7 @@ def _gae_kernel(R, V, M, ADV, RET, T, stride, gamma, lam, BLOCK_T: tl.constexpr)
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """Triton twin of advantages.gae: (B, T) -> advantages, returns (B, T) float32, 0 on padding."""
-    r, v, m = _prepare(rewards, values, mask)
+    r, v, m = prepare_gae_inputs(rewards, values, mask)
     if r.dtype != torch.float32:  # the kernel computes in fp32; float64 callers get the reference
         from rlhf_cli.kernels.advantages import gae as reference
 

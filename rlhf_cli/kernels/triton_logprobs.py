@@ -172,13 +172,13 @@ class _TokenLogprobs(torch.autograd.Function):
         ctx.save_for_backward(logits, y, valid, lse, ez)
         ctx.temperature = temperature
         ctx.set_materialize_grads(False)
-        outs = [logp, torch.where(y >= 0, lse - ez, 0.0)] if with_entropy else [logp]
+        outs = [logp] if ez is None else [logp, torch.where(y >= 0, lse - ez, 0.0)]
         return tuple(o.view(tokens.shape) for o in outs)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         logits, y, valid, lse, ez = ctx.saved_tensors
-        g, gh = ref._masked_grads(grads, valid, torch.float32)
+        g, gh = ref.masked_grads(grads, valid, torch.float32)
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if g is None and gh is None:
             return grad.zero_(), None, None, None, None
@@ -192,14 +192,14 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         h = hidden.reshape(-1, hidden.shape[-1])
         n, v = h.shape[0], weight.shape[0]
         y = torch.where(valid, tokens, -1).reshape(-1).contiguous()
-        rows = ref._chunk_rows(v, chunk, h.device, ref.FUSED_BUDGET)
+        rows = ref.chunk_rows(v, chunk, h.device, ref.FUSED_BUDGET)
         logp = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty_like(logp)
         ez = torch.empty_like(logp) if with_entropy else None
         z = torch.empty(min(rows, max(n, 1)), v, dtype=h.dtype, device=h.device)
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            zc = ref._linear(h[r0:r1], weight, bias, z[: r1 - r0])
+            zc = ref.linear_into(h[r0:r1], weight, bias, z[: r1 - r0])
             lp, ls, e = _forward(zc, y[r0:r1], temperature, with_entropy)
             logp[r0:r1], lse[r0:r1] = lp, ls
             if ez is not None:
@@ -207,7 +207,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         ctx.save_for_backward(h, weight, bias, y, valid, lse, ez)
         ctx.args = (temperature, hidden.shape)
         ctx.set_materialize_grads(False)
-        outs = [logp, torch.where(y >= 0, lse - ez, 0.0)] if with_entropy else [logp]
+        outs = [logp] if ez is None else [logp, torch.where(y >= 0, lse - ez, 0.0)]
         return tuple(o.view(tokens.shape) for o in outs)
 
     @staticmethod
@@ -215,7 +215,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         h, weight, bias, y, valid, lse, ez = ctx.saved_tensors
         temperature, hidden_shape = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        g, gh = ref._masked_grads(grads, valid, torch.float32)
+        g, gh = ref.masked_grads(grads, valid, torch.float32)
 
         def tile(zt, yt, lse_t, ez_t, g_t, gh_t, inv_t, _scratch, col0):
             return _grad(zt, yt, lse_t, ez_t, g_t, gh_t, inv_t, zt, col0)  # in place: the tile becomes dz
@@ -228,8 +228,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
 def token_logprobs(logits, tokens, with_entropy=False, *, temperature=1.0, mask=None, chunk=None):
     """Triton twin of logprobs.token_logprobs (`chunk` is accepted and unused: nothing is chunked)."""
-    ref._check(logits, tokens, mask, temperature)
-    valid = ref._valid(tokens, mask)
+    ref.check_inputs(logits, tokens, mask, temperature)
+    valid = ref.valid_positions(tokens, mask)
     out = _TokenLogprobs.apply(logits, tokens, valid, float(temperature), bool(with_entropy))
     return out if with_entropy else out[0]
 
@@ -238,7 +238,7 @@ def fused_linear_logprobs(hidden, weight, tokens, bias=None, with_entropy=False,
     """Triton twin of logprobs.fused_linear_logprobs: torch matmuls per chunk, Triton softmax math."""
     if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(f"hidden (..., {hidden.shape[-1]}) does not match weight {tuple(weight.shape)}")
-    ref._check(hidden, tokens, mask, temperature)
-    valid = ref._valid(tokens, mask)
+    ref.check_inputs(hidden, tokens, mask, temperature)
+    valid = ref.valid_positions(tokens, mask)
     out = _FusedLinearLogprobs.apply(hidden, weight, bias, tokens, valid, float(temperature), bool(with_entropy), chunk)
     return out if with_entropy else out[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-BUILTIN_SIZES: dict[str, dict[str, int]] = {
+BUILTIN_SIZES: dict[str, dict[str, Any]] = {  # Any: they go to LlamaConfig(**sizes)
     # name: LlamaConfig sizes. tiny ~0.8M params: learns small arithmetic in minutes on 2 CPU cores.
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
     "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4),

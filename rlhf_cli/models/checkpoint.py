@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from rlhf_cli import __version__
+from rlhf_cli.console import warn
 from rlhf_cli.errors import RlhfError
 
 MANIFEST = "rlhf.json"
@@ -52,9 +53,14 @@ def parent_info(model: str) -> dict[str, Any]:
     info: dict[str, Any] = {"model": model}
     manifest = Path(model) / MANIFEST
     if manifest.is_file():
-        parent = orjson.loads(manifest.read_bytes())
-        info["parent_step"] = parent.get("step")
-        info["parent_created"] = parent.get("created")
+        try:
+            parent = orjson.loads(manifest.read_bytes())
+        except orjson.JSONDecodeError:  # read after training: a damaged parent manifest must not lose the run
+            warn(f"{manifest}: damaged file, not valid JSON; the new manifest names no parent step")
+            return info
+        if isinstance(parent, dict):
+            info["parent_step"] = parent.get("step")
+            info["parent_created"] = parent.get("created")
     elif model.endswith(".gguf") and Path(model).is_file():
         info["sha256"] = sha256_file(model)
     return info

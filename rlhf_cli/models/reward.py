@@ -68,7 +68,7 @@ def load_reward_model(spec: Any, tok: Any, dtype: str = "fp32", trust_remote_cod
     """
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_cli.models.loading import _hub_call, load_model
+    from rlhf_cli.models.loading import hub_call, load_model
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     ensure_distinct_pad(tok)
@@ -82,7 +82,7 @@ def load_reward_model(spec: Any, tok: Any, dtype: str = "fp32", trust_remote_cod
     else:
         with warnings.catch_warnings(), _quiet_transformers():  # its report calls the fresh head "MISSING"
             warnings.simplefilter("ignore")
-            model, loading = _hub_call(
+            model, loading = hub_call(
                 AutoModelForSequenceClassification.from_pretrained, spec.value, spec, num_labels=1, dtype=torch_dtype,
                 trust_remote_code=trust_remote_code, output_loading_info=True,
             )
@@ -126,8 +126,8 @@ def add_reward_lora(model: Any, r: int, alpha: float) -> Any:
     (peft's modules_to_save), since a low-rank update of a random head learns nothing useful."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS",
-                     modules_to_save=["score"])
+    cfg = LoraConfig(r=r, lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; the scale alpha / r takes any float
+                     lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS", modules_to_save=["score"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, cfg)
@@ -229,17 +229,15 @@ def score(
 
 def load_for_scoring(path: str, device: str = "cpu", dtype: str = "fp32", trust_remote_code: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, manifest) of a reward checkpoint directory, in eval mode on `device`."""
-    import orjson
-
     from rlhf_cli.models.checkpoint import MANIFEST
-    from rlhf_cli.models.loading import load_tokenizer, parse_model_spec
+    from rlhf_cli.models.loading import load_tokenizer, parse_model_spec, read_json_object
 
     spec = parse_model_spec(path)
     if spec.kind != "dir":
         raise RlhfError(f"{path}: a reward model must be a checkpoint directory", "train one with `rlhf train-rm`")
     manifest_path = Path(path) / MANIFEST
-    manifest = orjson.loads(manifest_path.read_bytes()) if manifest_path.is_file() else {}
-    archs = orjson.loads((Path(path) / "config.json").read_bytes()).get("architectures") or []
+    manifest = read_json_object(manifest_path) if manifest_path.is_file() else {}
+    archs = read_json_object(Path(path) / "config.json").get("architectures") or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         raise RlhfError(f"{path}: not a reward model (architectures {archs})", "train one with `rlhf train-rm`")
     tok = load_tokenizer(spec, trust_remote_code)

@@ -1,140 +1,23 @@
-"""Agreement of a judge with human labels, and adapters for human-labelled pairwise sets.
+"""Agreement of a judge with human labels: `rlhf pairwise --against [FORMAT:]PATH`.
 
-Label files, detected from their fields (or named: `--against pandalm:PATH`):
-
-| format   | file                                                        | fields                                                   |
-|----------|-------------------------------------------------------------|----------------------------------------------------------|
-| `pandalm`| PandaLM `testset-v1.json` (JSON array)                      | `idx`, `instruction`, `input`, `response1`, `response2`, `annotator1..3` (1, 2, 0 = tie; majority) |
-| `llmbar` | LLMBar, and its Processed MT-Bench / FairEval / LLMEval2 `dataset.json` | `input`, `output_1`, `output_2`, `label` (1 or 2) |
-| `jsonl`  | ours, JSONL or a JSON array                                 | `{"id"?, "prompt" (or "messages"), "completions": [a, b], "label": 0 \\| 1 \\| "tie"}` |
-
-Every format becomes our own form (label 0 = the first completion is better, 1 = the second,
-"tie"), so a label file is also valid `rlhf pairwise` input:
-
-    rlhf pairwise ../shared/data/pandalm/testset-v1.json --judge lm:M --against ../shared/data/pandalm/testset-v1.json
-
+Label files (PandaLM, LLMBar and its processed sets, our JSONL) are read by data/labels.py into our
+own form (label 0 = the first completion is better, 1 = the second, "tie").
 Verdicts meet labels by prompt id (with the same two texts) or else by (prompt, a, b) content.
 Statistics: accuracy and Cohen's kappa, each with a seeded percentile-bootstrap 95% interval.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from rlhf_cli.data.jsonl import Line, read_jsonl
+from rlhf_cli.data.labels import FORMATS, read_items
+from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
-from rlhf_cli.judges.base import Item
 
-FORMATS = ("pandalm", "llmbar", "jsonl")
 TIE = 2  # class codes, relative to a pair (x, y): 0 = x better, 1 = y better, 2 = tie
-
-
-# ---------------------------------------------------------------------------------- reading
-
-
-def load_records(path: str) -> list[Line]:
-    """JSONL, or one JSON array whose elements are reported at the line where they start."""
-    name = "<stdin>" if path == "-" else path
-    if path == "-":
-        buf = sys.stdin.buffer
-        head = buf.peek(256) if hasattr(buf, "peek") else b""
-    else:
-        try:
-            with open(path, "rb") as f:
-                head = f.read(256)
-        except OSError:
-            head = b""  # let read_jsonl word the error
-    if head.lstrip()[:1] != b"[":
-        return read_jsonl(path)
-    text = (sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()).decode("utf-8", errors="replace")
-    dec, pos, out = json.JSONDecoder(), text.index("[") + 1, []
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            break
-        lineno = text.count("\n", 0, pos) + 1
-        try:
-            obj, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise RlhfError(f"{name}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise RlhfError(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        out.append(Line(obj, name, lineno))
-    if not out:
-        raise RlhfError(f"{name}:1: the JSON array is empty")
-    return out
-
-
-def detect_format(d: dict[str, Any]) -> str | None:
-    """'pandalm' / 'llmbar' / 'jsonl' (labelled) / 'samples' (unlabelled sample rows) / None."""
-    if "response1" in d and "annotator1" in d:
-        return "pandalm"
-    if "output_1" in d and "output_2" in d:
-        return "llmbar"
-    if "completions" in d:
-        return "jsonl" if "label" in d else "samples"
-    return None
-
-
-def read_items(path: str, fmt: str | None = None) -> tuple[str, list[Item]]:
-    """Sample rows or a labelled set (any format above) as judge Items with ids assigned."""
-    from rlhf_cli.data.records import assign_item_ids, parse_sample_row
-
-    lines = load_records(path)
-    fmt = fmt or detect_format(lines[0].data) or "samples"
-    if fmt == "pandalm":
-        items = [_pandalm(line) for line in lines]
-    elif fmt == "llmbar":
-        items = [_llmbar(line) for line in lines]
-    else:
-        items = [parse_sample_row(line) for line in lines]
-    return fmt, assign_item_ids(items)
-
-
-def _text(line: Line, key: str) -> str:
-    """A text field; PandaLM has a few answers stored as JSON `true` (the text "True" mangled by a
-    round-trip through a parser), so bare scalars are read back as Python writes them."""
-    v = line.data.get(key)
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (bool, int, float)):
-        return str(v)
-    raise RlhfError(f"{line.where}: field {key!r} must be a string, got {type(v).__name__}")
-
-
-def _as_ours(line: Line, prompt: str, a: str, b: str, label: int | str, drop: tuple[str, ...], rid: Any = None) -> Item:
-    row: dict[str, Any] = {} if rid is None else {"id": rid}
-    row.update(prompt=prompt, completions=[a, b], label=label)
-    row.update({k: v for k, v in line.data.items() if k not in drop and k not in row})
-    return Item(row.get("id", ""), prompt, (a, b), row, None, line.where)
-
-
-def _pandalm(line: Line) -> Item:
-    d = line.data
-    votes = [d.get(f"annotator{k}") for k in (1, 2, 3)]
-    if not all(v in (0, 1, 2) and not isinstance(v, bool) for v in votes):
-        raise RlhfError(f"{line.where}: annotator1..3 must each be 0 (tie), 1 or 2, got {votes}")
-    top, n = Counter(votes).most_common(1)[0]
-    label: int | str = {1: 0, 2: 1, 0: "tie"}[top] if n >= 2 else "tie"  # three different votes: no majority
-    prompt = _text(line, "instruction") + (f"\n\n{_text(line, 'input')}" if d.get("input") else "")
-    drop = ("idx", "instruction", "input", "response1", "response2")
-    return _as_ours(line, prompt, _text(line, "response1"), _text(line, "response2"), label, drop, d.get("idx", d.get("id")))
-
-
-def _llmbar(line: Line) -> Item:
-    d = line.data
-    if d.get("label") not in (1, 2):
-        raise RlhfError(f"{line.where}: 'label' must be 1 (output_1 better) or 2, got {d.get('label')!r}")
-    a, b = _text(line, "output_1"), _text(line, "output_2")
-    return _as_ours(line, _text(line, "input"), a, b, d["label"] - 1, ("input", "output_1", "output_2", "label"))
 
 
 # ---------------------------------------------------------------------------------- labels
