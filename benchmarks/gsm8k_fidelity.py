@@ -23,7 +23,7 @@ the same headline number within one point. SmolLM2-135M solves only ~1% of GSM8K
 repeats the check where the model is right often: two-number sums and differences written in GSM8K's
 layout ("a + b = c\\n#### c"), generated with a fixed seed. `--format chat` compares the chat-template
 path: lm-eval `--apply_chat_template` (few-shot as multi-turn) against ours with `--format chat
---template 'Question: {question}\\nAnswer:'` and lm-eval's gsm8k stop strings. lm-eval lives in its own venv (see mmlu_speed.py).
+--question-template 'Question: {question}\\nAnswer:'` and lm-eval's gsm8k stop strings. lm-eval lives in its own venv (see mmlu_speed.py).
 Results: benchmarks/results/gsm8k_fidelity.json.
 """
 
@@ -158,7 +158,7 @@ def main() -> None:
                         "--gen_kwargs", "max_gen_toks=256", "--output_path", str(tmp / "lmeval"), "--log_samples"],
         }
         if args.format == "chat":
-            sides["ours"] += ["--format", "chat", "--template", "Question: {question}\\nAnswer:",
+            sides["ours"] += ["--format", "chat", "--question-template", "Question: {question}\\nAnswer:",
                               "--stop", "Question:", "--stop", "</s>", "--stop", "<|im_end|>"]
             sides["lm-eval"] += ["--apply_chat_template", "--fewshot_as_multiturn", "true"]
         for side, cmd in sides.items():

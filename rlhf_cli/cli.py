@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     quiet_libraries()  # only our own progress and messages on stderr
     try:
+        argv = legacy_resume(list(sys.argv[1:] if argv is None else argv))
         app(args=argv, prog_name="rlhf")  # standalone mode: always ends in SystemExit
     except RlhfError as e:
         if os.environ.get("RLHF_DEBUG"):
@@ -73,3 +74,43 @@ def main(argv: list[str] | None = None) -> None:
         if e.hint:
             err.print(f"[dim]hint: {escape(e.hint)}[/]", soft_wrap=True)
         sys.exit(e.exit_code)
+
+
+def legacy_resume(argv: list[str]) -> list[str]:
+    """`sample` / `pairwise --resume FILE` (the spelling before `--resume` became a switch) ->
+    `--output FILE --resume`, with a deprecation warning; kept for one release.
+
+    Typer has no option that is a switch and also takes a value, so the old spelling is read here,
+    before parsing: it is the old one exactly when the token after `--resume` is a bare word and,
+    counting it, the command line holds one positional more than the command takes (the old
+    `--resume` always took a value; the new one never does).
+    """
+    if not argv or argv[0] not in ("sample", "pairwise"):
+        return argv
+    if any(a.startswith("--resume=") for a in argv):
+        i = next(i for i, a in enumerate(argv) if a.startswith("--resume="))
+        return _rewrite(argv, i, argv[i].split("=", 1)[1], 1)
+    if "--resume" not in argv[1:] or "--" in argv:
+        return argv
+    i = argv.index("--resume")
+    if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+        return argv
+    command = typer.main.get_command(app).commands[argv[0]]  # type: ignore[attr-defined]
+    takes_value = {o for p in command.params if p.param_type_name == "option" and not p.is_flag for o in p.opts}
+    n_args = sum(1 for p in command.params if p.param_type_name == "argument")
+    positionals, j = 0, 1
+    while j < len(argv):
+        a = argv[j]
+        if a in takes_value:
+            j += 2
+            continue
+        positionals += not a.startswith("-") or a == "-"
+        j += 1
+    return _rewrite(argv, i, argv[i + 1], 2) if positionals > n_args else argv
+
+
+def _rewrite(argv: list[str], i: int, path: str, width: int) -> list[str]:
+    from rlhf_cli.options import deprecated
+
+    deprecated("--resume FILE", "--output FILE --resume", None)
+    return [*argv[:i], "--output", path, "--resume", *argv[i + width :]]

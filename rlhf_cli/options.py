@@ -85,18 +85,17 @@ CacheDirOpt = Annotated[str | None, typer.Option("--cache-dir", help="api: verdi
 
 
 def refuse_extra_args(ctx: typer.Context) -> None:
-    """A stream command's stray argument is usually the FILE of the old `--resume FILE`.
+    """A stream command's stray argument: one line naming it (exit 2), nothing read or written.
 
-    `--resume` is a switch now. Typer (0.29 builds each option from its annotation and ignores
-    `is_flag` / `flag_value`) has no option that is a switch and also takes an optional value, and
-    after parsing `P --resume F` and `--resume F P` look the same, so the old spelling cannot be
-    read safely (guessing wrong would append to the prompt file): it exits 2 naming the new one.
+    The commands accept extra arguments only so that this message can name the new spelling of
+    the old `--resume FILE` when it is mistyped; the old spelling itself is rewritten before
+    parsing (`cli.legacy_resume`).
     """
     from rlhf_cli.errors import RlhfError
 
     if ctx.args:
         raise RlhfError(f"unexpected extra argument {ctx.args[0]!r}",
-                        "--resume is a switch now: the old `--resume FILE` is spelled `--output FILE --resume`")
+                        "--resume is a switch now: resume into a file with `--output FILE --resume`")
 
 
 def deprecated(old: str, new: str, value: T) -> T:

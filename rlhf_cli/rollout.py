@@ -191,12 +191,11 @@ def setup_models(cfg: PpoConfig, device: str, ref_dtype: str) -> Models:
 def reward_stats(path: str) -> tuple[float, float]:
     """(mean, std) of a reward model's training-set scores from its manifest (`train-rm` writes them);
     (0, 1) when absent. PPO normalises scores with them, and the value model starts in that scale."""
-    import orjson
-
     from rlhf_cli.models.checkpoint import MANIFEST
+    from rlhf_cli.models.loading import read_json_object
 
     manifest = Path(path) / MANIFEST
-    metrics = orjson.loads(manifest.read_bytes()).get("metrics", {}) if manifest.is_file() else {}
+    metrics = read_json_object(manifest).get("metrics", {}) if manifest.is_file() else {}
     mean, std = metrics.get("reward_mean"), metrics.get("reward_std")
     return (float(mean), float(std)) if mean is not None and std else (0.0, 1.0)
 

@@ -76,6 +76,7 @@ def save_state(state_dir: str | Path, step: int, model: Any, optimizer: Any, ext
 def load_state(state_dir: str | Path, model: Any, optimizer: Any) -> ResumePoint:
     """Restore model, optimizer and RNG from the newest complete step; returns the step reached."""
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model
 
     state_dir = Path(state_dir)
@@ -83,10 +84,14 @@ def load_state(state_dir: str | Path, model: Any, optimizer: Any) -> ResumePoint
     if not latest.is_file():
         raise RlhfError(f"{state_dir}: no saved training state to resume from", "run without --resume to start fresh")
     step_dir = state_dir / latest.read_text().strip()
-    load_model(model, str(step_dir / "model.safetensors"))
-    meta = orjson.loads((step_dir / "state.json").read_bytes())
-    optimizer.load_state_dict(_optimizer_from_flat(load_file(str(step_dir / "optimizer.safetensors")), meta["optimizer"]))
-    rng = load_file(str(step_dir / "rng.safetensors"))
+    try:
+        load_model(model, str(step_dir / "model.safetensors"))
+        meta = orjson.loads((step_dir / "state.json").read_bytes())
+        optimizer.load_state_dict(_optimizer_from_flat(load_file(str(step_dir / "optimizer.safetensors")), meta["optimizer"]))
+        rng = load_file(str(step_dir / "rng.safetensors"))
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # orjson's error is a ValueError
+        raise RlhfError(f"{step_dir}: damaged training state ({' '.join(str(e).split())[:200]})",
+                        "delete that step directory and point 'latest' at the previous one, or run without --resume") from e
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]

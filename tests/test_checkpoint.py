@@ -206,6 +206,22 @@ def test_resume_without_saved_state_is_a_usage_error(tmp_path, data):
     assert list(tmp_path.iterdir()) == [data]
 
 
+def test_damaged_resume_state_is_one_line_naming_the_step(tmp_path, data):
+    out = tmp_path / "sft"
+    cfg = sft_config(data, out, max_steps=3, save_every=1)
+    with pytest.MonkeyPatch.context() as m:  # stop after the state of step 2 is written
+        m.setattr(checkpoint, "save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+        with pytest.raises(OSError):
+            run(cfg)
+    step = tmp_path / "sft-state" / (tmp_path / "sft-state" / "latest").read_text().strip()
+    weights = step / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut off
+    with pytest.raises(RlhfError, match=r"sft-state/step-0000000\d: damaged training state") as e:
+        run(sft_config(data, out, max_steps=3, save_every=1, resume=True))
+    assert "run without --resume" in (e.value.hint or "") and not out.exists()
+
+
+@pytest.mark.slow
 def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     """kill -9 once step >= 4 is saved, `--resume`, and the result equals a run never interrupted."""
     data = write_jsonl(tmp_path, "demos.jsonl", demo_rows(360))

@@ -13,7 +13,7 @@ import typer
 from conftest import write_jsonl
 
 from rlhf_cli.cli import app, main
-from rlhf_cli.config import TrainOptions, build, check, coerce, flat, leaf_fields, read_config_file, update
+from rlhf_cli.config import build, check, coerce, flat, leaf_fields, read_config_file, update
 from rlhf_cli.errors import RlhfError
 
 
@@ -89,6 +89,19 @@ def test_every_field_has_a_flag_with_the_same_default(path):
     extra = set(params) - set(leaf_fields(cls)) - {"config"} - set(getattr(cls, "CLI_ONLY", ()))
     assert {p for p in extra if not p.startswith("deprecated_")} == set(), f"{path}: flags without a field: {extra}"
     assert "config" in params, f"{path} has no --config"
+
+
+@pytest.mark.parametrize("path", sorted(_configs()))
+def test_a_config_key_spelled_as_a_field_means_that_field(path):
+    """No flag of one field is spelled like another field (winrate's --reference is the outputs file,
+    its rule field is --answer-field), so `flat(cfg)`, the manifest's config, reads back as itself."""
+    from types import SimpleNamespace
+
+    from rlhf_cli.config import _aliases
+
+    cls = _configs()[path]
+    aliases = _aliases(SimpleNamespace(command=_click_command(path)), cls)
+    assert {n: aliases[n] for n in leaf_fields(cls)} == {n: n for n in leaf_fields(cls)}
 
 
 def test_fields_are_unique_across_nested_options():
@@ -243,3 +256,76 @@ def test_deprecated_o_for_out_still_works_with_a_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code in (0, None), err
     assert "-o is deprecated" in " ".join(err.split()) and (tmp_path / "old" / "rlhf.json").is_file()
+
+
+def _run_seen(monkeypatch, module: str, argv: list[str], capsys, returns=None):
+    """Run `rlhf argv` with `module.run` replaced by a recorder; -> the config the command built."""
+    import importlib
+
+    seen = {}
+
+    def fake_run(cfg, *a, **k):
+        seen["cfg"] = cfg
+        return returns
+
+    monkeypatch.setattr(importlib.import_module(module), "run", fake_run)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code in (0, None), capsys.readouterr().err
+    return seen["cfg"]
+
+
+def test_sample_config_file_reaches_the_run_and_a_flag_beats_it(tmp_path, capsys, monkeypatch):
+    f = tmp_path / "sample.yaml"
+    f.write_text("model: builtin:micro\nn: 4\ntemperature: 0.7\ntop-p: 0.9\nstop: ['###', END]\nformat: raw\n"
+                 "output: out.jsonl\nresume: true\nmax_new_tokens: 12\n")
+    cfg = _run_seen(monkeypatch, "rlhf_cli.commands.sample", ["sample", "p.jsonl", "--config", str(f), "-t", "0.5"], capsys)
+    assert (cfg.model, cfg.n, cfg.temperature, cfg.top_p, cfg.stop, cfg.format) == ("builtin:micro", 4, 0.5, 0.9, ("###", "END"), "raw")
+    assert (cfg.output, cfg.resume, cfg.max_new_tokens, cfg.prompts) == ("out.jsonl", True, 12, "p.jsonl")
+    cfg = _run_seen(monkeypatch, "rlhf_cli.commands.sample", ["sample", "p.jsonl", "--config", str(f), "--stop", "X", "-o", "b.jsonl"], capsys)
+    assert (cfg.stop, cfg.output, cfg.temperature) == (("X",), "b.jsonl", 0.7)  # a repeatable flag replaces the file's list
+
+
+def test_pairwise_config_file_reaches_the_judge_options_and_a_flag_beats_it(tmp_path, capsys, monkeypatch):
+    f = tmp_path / "judge.yaml"
+    f.write_text("judge: api:gpt-4o-mini\nbase-url: http://127.0.0.1:9/v1\nprices: '1,2'\nconcurrency: 8\nreference: gold\n"
+                 "seed: 3\nmax-retries: 2\ntimeout: 5\nresamples: 50\nboth_orders: false\n")
+    cfg = _run_seen(monkeypatch, "rlhf_cli.commands.pairwise", ["pairwise", "s.jsonl", "--config", str(f), "--concurrency", "2",
+                                                                 "-o", "pairs.jsonl", "--resume"], capsys, returns={"stopped": None})
+    o = cfg.judge_options
+    assert (cfg.judge, cfg.output, cfg.resume, cfg.both_orders, cfg.resamples, cfg.seed) == ("api:gpt-4o-mini", "pairs.jsonl", True, False, 50, 3)
+    assert (o.base_url, o.prices, o.concurrency, o.reference_field, o.seed, o.max_retries, o.timeout) == (
+        "http://127.0.0.1:9/v1", "1,2", 2, "gold", 3, 2, 5.0)
+
+
+def test_eval_exact_config_file_reaches_the_run_and_a_flag_beats_it(tmp_path, capsys, monkeypatch):
+    f = tmp_path / "gsm8k.yaml"
+    f.write_text("model: [base/, sft/]\nshots: 2\nfewshot: train.jsonl\nquestion-template: 'Q: {question}'\n"
+                 "field: [question=problem]\nn: 4\ntemperature: 0.7\nextract: strict\n")
+    cfg = _run_seen(monkeypatch, "rlhf_cli.evals.exact", ["eval", "exact", "d.jsonl", "--config", str(f), "-m", "ppo/", "-n", "8"], capsys)
+    assert (cfg.models, cfg.shots, cfg.fewshot, cfg.question_template, cfg.fields) == (("ppo/",), 2, "train.jsonl", "Q: {question}", ("question=problem",))
+    assert (cfg.n, cfg.temperature, cfg.extract, cfg.data) == (8, 0.7, "strict", "d.jsonl")
+    cfg = _run_seen(monkeypatch, "rlhf_cli.evals.exact", ["eval", "exact", "d.jsonl", "--config", str(f)], capsys)
+    assert cfg.models == ("base/", "sft/")
+
+
+@pytest.mark.parametrize(("argv", "text", "message"), [
+    (["sample", "p.jsonl"], "top-p: 2\n", "key 'top-p' must be in (0, 1]; got 2.0"),
+    (["pairwise", "s.jsonl", "--judge", "rule:exact"], "flip-prob: 1.5\n", "key 'flip-prob' must be in [0, 1]"),
+    (["pairwise", "s.jsonl", "--judge", "api:m"], "timeout: 0\n", "key 'timeout' must be > 0"),
+    (["plot", "m.jsonl"], "smooth: 0\n", "key 'smooth' must be >= 1"),
+    (["eval", "exact", "d.jsonl", "-m", "x/"], "n: 0\n", "key 'n' must be >= 1"),
+    (["eval", "rm", "d.jsonl", "-m", "x/"], "batch-size: 0\n", "key 'batch-size' must be >= 1"),
+    (["eval", "ppl", "d.jsonl", "-m", "x/"], "max-len: 1\n", "key 'max-len' must be >= 2"),
+    (["eval", "mc", "d.jsonl", "-m", "x/"], "scoring: letters\n", "key 'scoring' must be one of letter, cloze"),
+    (["eval", "winrate", "o.json", "-r", "r.json", "--judge", "api:m"], "concurrency: 0\n", "key 'concurrency' must be >= 1"),
+    (["eval", "code", "p.jsonl", "--canonical", "--allow-code-exec"], "memory-mb: 10\n", "key 'memory-mb' must be >= 64"),
+    (["eval", "exact", "d.jsonl"], "template: 'Q {question}'\n", "unknown key 'template'"),  # config files start with the new names
+])
+def test_every_command_range_checks_its_config_file_before_reading_input(tmp_path, capsys, monkeypatch, argv, text, message):
+    monkeypatch.chdir(tmp_path)  # the input files do not exist: the file's values are checked first
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--config", "c.yaml"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 2 and f"c.yaml: {message}" in err and "Traceback" not in err, err

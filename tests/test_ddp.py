@@ -19,6 +19,7 @@ from sft_helpers import assert_same_weights, demo_rows, free_port, leftovers, lo
 from rlhf_cli.commands.sft import run
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_grad_accum(tmp_path):
     data = write_jsonl(tmp_path, "demos.jsonl", demo_rows(40))
     out = tmp_path / "ddp"

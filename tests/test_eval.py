@@ -135,8 +135,12 @@ def test_exact_cli_errors_exit_2(tmp_path, capsys):
     assert code == 2 and "bad regular expression" in err
     code, _, err = call(["eval", "exact", str(data), "-m", "builtin:micro", "-n", "3"], capsys)
     assert code == 2 and "use a temperature > 0" in err
-    code, _, err = call(["eval", "exact", str(data), "-m", "builtin:micro", "--template", "Q:"], capsys)
-    assert code == 2 and "has no {question}" in err
+    code, _, err = call(["eval", "exact", str(data), "-m", "builtin:micro", "--question-template", "Q:"], capsys)
+    assert code == 2 and "--question-template 'Q:' has no {question}" in err
+    code, _, err = call(["eval", "exact", str(data), "-m", "builtin:micro", "-t", "-0.5"], capsys)
+    assert code == 2 and "--temperature must be >= 0; got -0.5" in err
+    code, _, err = call(["eval", "exact", str(data), "--format", "plain"], capsys)
+    assert code == 2 and "--format must be one of chat, raw" in err
 
 
 def test_exact_end_to_end_two_models_majority_vote(tmp_path, capsys, monkeypatch):
@@ -165,14 +169,16 @@ def test_exact_end_to_end_two_models_majority_vote(tmp_path, capsys, monkeypatch
     assert [r["exact_match"] for r in out["results"]] == [0.5, 0.5]
 
 
-def test_exact_stop_strings_default_to_lm_eval_and_stop_replaces_them(tmp_path, monkeypatch):
+def test_exact_stop_strings_default_to_lm_eval_and_stop_replaces_them(tmp_path, monkeypatch, capsys):
     from rlhf_cli import generation
     from rlhf_cli.generation import Completion
 
     seen = []
+    prompts_seen = []
 
     def fake_generate(model, tok, prompts, params, device, seed, logprobs=False):
         seen.append(params.stop)
+        prompts_seen.append(tok.decode(prompts[0]))
         return [[Completion("#### 2", "stop", [1])] for _ in prompts]
 
     monkeypatch.setattr(generation, "generate", fake_generate)
@@ -180,14 +186,13 @@ def test_exact_stop_strings_default_to_lm_eval_and_stop_replaces_them(tmp_path, 
     for fmt, stop, want in (("raw", None, ("Question:", "</s>", "<|im_end|>")), ("chat", None, ()), ("raw", ("\n\n",), ("\n\n",))):
         res = exact.run(ExactConfig(data=str(data), models=("builtin:micro",), format=fmt, stop=stop, device="cpu"))
         assert seen[-1] == want and res[0].metrics["exact_match"] == 1.0
-    # the CLI turns a typed "\\n" in --template into a newline
-    monkeypatch.setattr(exact, "run", lambda cfg: seen.append(cfg.template))
-    from typer.testing import CliRunner
-
-    from rlhf_cli.cli import app
-
-    CliRunner().invoke(app, ["eval", "exact", str(data), "-m", "builtin:micro", "--template", "Question: {question}\\nAnswer:"])
-    assert seen[-1] == "Question: {question}\nAnswer:"
+    # a typed "\\n" in --question-template is a newline
+    code, _, err = call(["eval", "exact", str(data), "-m", "builtin:micro", "--question-template", "Q: {question}\\nA:"], capsys)
+    assert code == 0 and "Q: 1+1\nA:" in prompts_seen[-1], err
+    # the old spelling --template still works for one release, with a warning
+    code, _, err = call(["eval", "exact", str(data), "-m", "builtin:micro", "--template", "Task {question}\\nA:"], capsys)
+    assert code == 0 and "Task 1+1\nA:" in prompts_seen[-1]
+    assert "--template is deprecated" in " ".join(err.split()) and "--question-template" in err
 
 
 def test_exact_real_generation_runs(tmp_path, capsys):
@@ -264,7 +269,7 @@ def test_perplexity_equals_a_naive_full_logits_computation(tmp_path):
 
     texts = ["hello world, this is a longer text", "short one", "x y"]
     data = write_jsonl(tmp_path, "t.jsonl", [{"body": t} for t in texts])
-    (res,) = ppl.run(ppl.PplConfig(str(data), ("builtin:micro",), max_len=8, batch_size=2, text_field="body", device="cpu"))
+    (res,) = ppl.run(ppl.PplConfig(str(data), ("builtin:micro",), max_len=8, batch_size=2, fields=("text=body",), device="cpu"))
     spec = parse_model_spec("builtin:micro")
     tok = load_tokenizer(spec)
     model = load_model(spec, tok).eval()

@@ -21,6 +21,7 @@ import pytest
 from conftest import run_cli, write_jsonl
 
 from rlhf_cli.cli import main
+from rlhf_cli.config import build
 from rlhf_cli.data.records import Item
 from rlhf_cli.evals.length_control import length_controlled
 from rlhf_cli.evals.winrate import WinrateConfig, run, winrate_stats
@@ -83,7 +84,7 @@ def outputs(texts: list[str], generator: str, instructions: list[str] | None = N
 def cfg_for(tmp_path: Path, cand: list[str], ref: list[str], **kw: Any) -> WinrateConfig:
     c = write_json(tmp_path / "cand.json", outputs(cand, "cand"))
     r = write_json(tmp_path / "ref.json", outputs(ref, "ref"))
-    return WinrateConfig(outputs=(str(c),), reference=str(r), judge=kw.pop("judge", "fake"), **kw)
+    return build(WinrateConfig, outputs=(str(c),), reference=str(r), judge=kw.pop("judge", "fake"), **kw)
 
 
 def call(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
@@ -346,7 +347,7 @@ def test_cli_rule_judge_end_to_end_pure_jsonl_and_log_samples(tmp_path: Path) ->
 
 def test_generate_with_a_builtin_model(tmp_path: Path) -> None:
     ref = write_json(tmp_path / "ref.json", outputs(["a reference answer", "b", "c c c"], "ref"))
-    cfg = WinrateConfig(reference=str(ref), models=("builtin:micro",), judge="fake", max_new_tokens=4, batch_size=2, device="cpu")
+    cfg = build(WinrateConfig, reference=str(ref), models=("builtin:micro",), judge="fake", max_new_tokens=4, batch_size=2, device="cpu")
     (r,) = run(cfg, judge=LengthScoreJudge())
     assert r.model == "builtin:micro" and r.n == 3
     assert [s["input"] for s in r.samples] == ["task 0", "task 1", "task 2"]

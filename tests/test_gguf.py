@@ -40,6 +40,7 @@ def gguf_model():
     return tok, load_model(spec, tok).eval()
 
 
+@pytest.mark.slow  # the module's fixture dequantizes a real 135M model: 15-40 s
 def test_gguf_saves_as_a_plain_checkpoint_with_identical_logits(tmp_path, gguf_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -390,7 +390,7 @@ def test_pairwise_human_quit_resume_finish(tmp_path: Path) -> None:
     assert sorted(r["id"].split(":")[0] for r in first) == ["q1", "q1", "q1"]
 
     # run 2: --resume asks only q2 and q3; an undo on the way
-    t = Term([*cli, str(samples), "--judge", "human", "--resume", str(prefs)], stderr_to_tty=True, cwd=tmp_path)
+    t = Term([*cli, str(samples), "--judge", "human", "--output", str(prefs), "--resume"], stderr_to_tty=True, cwd=tmp_path)
     again = [label(t, 1, 6), label(t, 2, 6)]
     t.wait_for("pair 3 of 6")
     t.press("u")  # take back pair 2 and answer it again

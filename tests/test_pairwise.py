@@ -18,6 +18,7 @@ from conftest import run_cli, write_jsonl
 
 from rlhf_cli.cli import main
 from rlhf_cli.commands.pairwise import PairwiseConfig, run
+from rlhf_cli.config import build
 from rlhf_cli.data.records import Item
 from rlhf_cli.judges.base import Ask, PairJudge, ScoreJudge, Verdict
 
@@ -89,7 +90,7 @@ def pairwise(tmp_path: Path, rows: list[dict] | Path, judge: Any, name: str = "o
     """Run pairwise in-process on `rows` with `judge`; -> (output rows, report)."""
     src = rows if isinstance(rows, Path) else write_jsonl(tmp_path, f"in-{name}", rows)
     out = tmp_path / name
-    report = run(PairwiseConfig(samples=str(src), judge="fake", output=str(out), **kw), judge=judge)
+    report = run(build(PairwiseConfig, samples=str(src), judge="fake", output=str(out), **kw), judge=judge)
     return read_rows(out), report
 
 
@@ -419,8 +420,18 @@ def test_a_stopped_judge_exits_3_and_says_how_to_resume(tmp_path: Path, monkeypa
     out = tmp_path / "pairs.jsonl"
     code, stdout, err = call(["pairwise", str(src), "--judge", "api:m", "--output", str(out)], capsys)
     assert code == 3 and stdout == ""
-    assert "stopped early (budget)" in err and f"--resume {out}" in " ".join(err.split())
+    assert "stopped early (budget)" in err and f"--output {out} --resume" in " ".join(err.split())
     assert len(read_rows(out)) == 0  # r1 needs 6 asks both orders: nothing finished after 3
+
+    # the new spelling finishes the run; the old `--resume FILE` still works for a release, with a warning
+    monkeypatch.setattr(rlhf_cli.judges, "build_judge", lambda spec, opts: FakePairJudge(longer, kind="api", stop_after=8))
+    code, stdout, err = call(["pairwise", str(src), "--judge", "api:m", "-o", str(out), "--resume"], capsys)
+    assert code == 3 and stdout == "" and read_rows(out), err
+    n = len(read_rows(out))
+    monkeypatch.setattr(rlhf_cli.judges, "build_judge", lambda spec, opts: FakePairJudge(longer, kind="api"))
+    code, stdout, err = call(["pairwise", str(src), "--judge", "api:m", "--resume", str(out)], capsys)
+    assert code == 0 and stdout == "" and len(read_rows(out)) > n, err
+    assert "--resume FILE is deprecated" in " ".join(err.split())
 
 
 # ---------------------------------------------------------------------------------- --against

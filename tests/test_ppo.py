@@ -114,6 +114,7 @@ def test_a_rule_without_its_reference_field_is_named(tmp_path, capsys):
 # ---------------------------------------------------------------- the proof: reward goes up
 
 
+@pytest.mark.slow
 def test_proof_mean_reward_rises_on_a_toy_task(tmp_path, prompts, rules):
     cfg = cfg_for(prompts, rules, tmp_path / "ppo", max_steps=30, batch_size=16, minibatch_size=8, ppo_epochs=2, epochs=100)
     last = run(cfg)
@@ -344,6 +345,7 @@ def test_ptx_mixes_the_sft_loss_into_every_update(tmp_path, prompts, rules):
     assert worst > 1e-4
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_rank_0_saves_once(tmp_path, prompts, rules):
     out = tmp_path / "ddp"
     args = ["ppo", str(prompts), "--policy", "builtin:micro", "--judge", f"rule:{rules}:lower", "-b", "8", "--minibatch-size", "4",

@@ -418,7 +418,6 @@ def test_head_1_exits_quickly_and_quietly(tmp_path: Path) -> None:
         ["--temperature", "-1"],
         ["--max-new-tokens", "0"],
         ["--resume"],  # resumes into --output FILE: stdout cannot be appended to
-        ["--resume", "a.jsonl"],  # the old `--resume FILE`
         ["--format", "plain"],
         ["--dtype", "fp8"],
     ],
@@ -501,15 +500,19 @@ def test_resume_after_kill_9(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("order", ["after", "before"])
-def test_the_old_resume_file_spelling_is_refused_naming_the_new_one(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                                   order: str) -> None:
-    """`--resume FILE` cannot keep working: Typer has no switch that also takes a value, and once parsed
-    `P --resume F` and `--resume F P` look alike, so a guess could append samples to the prompt file."""
-    prompts = write_jsonl(tmp_path, "p.jsonl", [{"prompt": "hi"}])
+def test_the_old_resume_file_spelling_still_works_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 order: str) -> None:
+    """`--resume FILE` (before `--resume` became a switch) means `--output FILE --resume` for one more
+    release, in either order, and never appends to the prompt file."""
+    prompts = write_jsonl(tmp_path, "p.jsonl", [{"id": "a", "prompt": "hi"}, {"id": "b", "prompt": "ho"}])
     before = prompts.read_bytes()
     old = tmp_path / "old.jsonl"
+    old.write_bytes(orjson.dumps({"id": "a", "prompt": "hi", "completions": ["x"]}) + b"\n")  # the first prompt is done
     argv = [str(prompts), "--resume", str(old)] if order == "after" else ["--resume", str(old), str(prompts)]
-    assert cli(["sample", *argv, "-m", "builtin:micro"]) == 2
+    assert cli(["sample", *argv, "-m", "builtin:micro", "--max-new-tokens", "2"]) == 0
     err = " ".join(capsys.readouterr().err.split())
-    assert "unexpected extra argument" in err and "`--output FILE --resume`" in err
-    assert not old.exists() and prompts.read_bytes() == before
+    assert "--resume FILE is deprecated" in err and "--output FILE --resume" in err
+    rows = [orjson.loads(line) for line in old.read_bytes().splitlines()]
+    assert [r["prompt"] for r in rows] == ["hi", "ho"] and prompts.read_bytes() == before
+    # a stray argument that is not the old spelling is still refused
+    assert cli(["sample", str(prompts), "extra.jsonl", "-m", "builtin:micro"]) == 2

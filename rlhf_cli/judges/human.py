@@ -11,7 +11,7 @@ stdin or stdout, so the data can flow through files and pipes while the labeler 
 terminal:
 
     rlhf pairwise samples.jsonl --judge human --output prefs.jsonl
-    rlhf pairwise samples.jsonl --judge human --resume prefs.jsonl     # carry on where you quit
+    rlhf pairwise samples.jsonl --judge human --output prefs.jsonl --resume     # carry on where you quit
 
 The terminal is in cbreak mode (keys without Enter, no echo) only while a key is awaited, inside a
 try/finally, so it is back in its own mode between keys, after the last one, on an exception and on
