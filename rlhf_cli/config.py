@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union
@@ -92,6 +94,12 @@ def check_train(opts: TrainOptions) -> None:
 
 def leaf_fields(cls: type) -> dict[str, type]:
     """Every settable name of a config class -> the dataclass that owns it (nested dataclasses flattened)."""
+    return _leaf_fields(typing.cast(Hashable, cls))
+
+
+@functools.cache
+def _leaf_fields(cls: Any) -> dict[str, type]:
+    """Cached: config classes never change at run time (callers must not modify the returned dict)."""
     out: dict[str, type] = {}
     for f in fields(cls):
         sub = _dataclass_type(cls, f.name)
@@ -151,6 +159,11 @@ def _defaults(cls: type) -> dict[str, Any]:
 
 
 def _hints(cls: type) -> dict[str, Any]:
+    return _hints_cached(typing.cast(Hashable, cls))
+
+
+@functools.cache
+def _hints_cached(cls: Any) -> dict[str, Any]:
     import sys
 
     return typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))

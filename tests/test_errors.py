@@ -269,6 +269,34 @@ def _quiet(stderr: str) -> None:
         assert text not in stderr, stderr
 
 
+def test_sft_sample_and_ppo_in_process_show_only_our_own_progress(micro_dir, tmp_path, capfd) -> None:
+    """The quick-tier twin of the subprocess test below: cli.main over sft, sample and ppo, with the
+    libraries' bars and info logging switched back on before each (as a fresh process has them)."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    from rlhf_cli.cli import main
+
+    data = write_jsonl(tmp_path, "d.jsonl", [{"prompt": f"{i}+1=", "completion": str(i + 1), "answer": str(i + 1)} for i in range(4)])
+    runs = [
+        (["sft", str(data), "--model", str(micro_dir), "--out", str(tmp_path / "sft"), "--max-steps", "1", "-b", "2", "--device", "cpu"], "saved"),
+        (["sample", str(data), "--model", str(micro_dir), "-n", "1", "--max-new-tokens", "2", "--device", "cpu"], "sample"),
+        (["ppo", str(data), "-m", str(micro_dir), "--judge", "rule:exact", "-b", "4", "--minibatch-size", "4", "--max-new-tokens", "2",
+          "--max-steps", "1", "--save-every", "0", "--out", str(tmp_path / "ppo"), "--device", "cpu"], "saved"),
+    ]
+    for argv, ours in runs:
+        enable_progress_bars()
+        hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity_info()
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capfd.readouterr().err
+        assert e.value.code in (0, None), err
+        _quiet(err)
+        assert ours in err, err
+
+
+@pytest.mark.slow
 def test_sft_sample_and_ppo_show_only_our_own_progress(micro_dir, tmp_path) -> None:
     data = write_jsonl(tmp_path, "d.jsonl", [{"prompt": f"{i}+1=", "completion": str(i + 1), "answer": str(i + 1)} for i in range(4)])
     sft = run_cli(["sft", str(data), "--model", str(micro_dir), "--out", str(tmp_path / "sft"), "--max-steps", "1",
