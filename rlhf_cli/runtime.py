@@ -80,6 +80,12 @@ def all_reduce_sum(value: float, device: str) -> float:
     return float(t.item())
 
 
+def all_reduce_mean(stats: dict[str, float], device: str, n: int) -> dict[str, float]:
+    """Average each statistic over processes, weighting each process by its `n` samples."""
+    total = all_reduce_sum(float(n), device)
+    return {k: all_reduce_sum(v * n, device) / total for k, v in stats.items()}
+
+
 def release_cache(device: str) -> None:
     """Hand cached CUDA blocks back between phases (generation's KV cache, training's activations)."""
     if device.startswith("cuda"):

@@ -288,7 +288,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
             t3 = time.perf_counter()
 
             # 5. log; adapt the KL coefficient to the batch's KL
-            stats = reduce_stats(stats, device, len(idx))
+            stats = runtime.all_reduce_mean(stats, device, len(idx))  # weighted by each process's rollouts
             kl_ctl.update(stats["kl"], cfg.batch_size)
             gen_tokens = runtime.all_reduce_sum(float(ro.response_mask.sum().item()), device)
             last = {"step": step + 1, **stats, "kl_coef": kl_ctl.beta, "lr": lr, "tokens_per_s": gen_tokens / (t3 - t0),
@@ -407,14 +407,6 @@ def update(s: Session, models: Models, ro: Rollout, adv: torch.Tensor, returns: 
             count += 1
     s.optimizer.zero_grad(set_to_none=True)
     return {k: v / count for k, v in sums.items()}
-
-
-def reduce_stats(stats: dict[str, float], device: str, n: int) -> dict[str, float]:
-    """Average each statistic over processes, weighted by their rollouts."""
-    from rlhf_cli import runtime
-
-    total = runtime.all_reduce_sum(float(n), device)
-    return {k: runtime.all_reduce_sum(v * n, device) / total for k, v in stats.items()}
 
 
 def check_finite(row: dict[str, Any], cfg: PpoConfig, step: int) -> None:
