@@ -31,9 +31,11 @@ import contextlib
 import os
 import re
 import select
+import signal
 import termios
+import threading
 import tty
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 from rlhf_cli.data.records import Item
@@ -52,6 +54,31 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # everything but \t and 
 def visible(text: str) -> str:
     """`text` safe to draw: a model's answer may hold escape sequences that would drive the terminal."""
     return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text.replace("\r\n", "\n"))
+
+
+@contextlib.contextmanager
+def _sigint_as_flag() -> Iterator[Callable[[], bool]]:
+    """While a key is awaited, Ctrl-C sets a flag that the key loop reads within a quarter second.
+
+    A KeyboardInterrupt raised wherever the main thread happens to be (inside rich's rendering of
+    the screen, between a lock's acquire and its try) can leave that state half-done, and a run was
+    seen to hang there. select() is retried after the handler returns (PEP 475), so the loop polls
+    the flag. Python installs signal handlers only on the main thread; elsewhere Ctrl-C stays a
+    KeyboardInterrupt, which `_wait` also catches.
+    """
+    hit = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: hit[0]
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        hit[0] = True
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: hit[0]
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 class KeyReader:
@@ -183,10 +210,12 @@ class HumanJudge:
         """Draw the ask and return the first key that means something (an answer, u or q)."""
         assert self.fd is not None, "judge() after close()"
         try:
-            with self._cbreak():
+            with self._cbreak(), _sigint_as_flag() as interrupted:
                 size = self._draw(ask, progress, note)
-                while True:
+                while not interrupted():
                     key = self.keys.key(timeout=0.25)
+                    if interrupted():
+                        break
                     if key is None:  # no key yet: redraw if the window was resized or the mode lost
                         if termios.tcgetattr(self.fd)[3] & termios.ICANON:
                             # after Ctrl-Z and `fg` the shell has put its own mode back, and drawn over us
@@ -198,7 +227,8 @@ class HumanJudge:
                     if key in ANSWERS or key in (UNDO, QUIT):
                         return key
                     size = self._draw(ask, progress, f"{key!r} is not a key here")
-        except KeyboardInterrupt:  # cbreak keeps ISIG: Ctrl-C is SIGINT; it ends the session like q
+                return INTERRUPT  # cbreak keeps ISIG: Ctrl-C is SIGINT; it ends the session like q
+        except KeyboardInterrupt:  # off the main thread, Ctrl-C still arrives as an exception
             return INTERRUPT
         except EOFError:
             return HANGUP
