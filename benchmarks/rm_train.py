@@ -88,7 +88,7 @@ def build_init(model_dir: Path, out: Path) -> None:
 def build_plan(cfg_kw: dict, steps: int) -> dict:
     """Our tokenization + our plan, exactly as `rlhf_cli.commands.train_rm.run` builds them."""
     from rlhf_cli import training
-    from rlhf_cli.commands.train_rm import RmConfig, epoch_batches, load_rows, split_examples
+    from rlhf_cli.commands.train_rm import RmConfig, load_rows
     from rlhf_cli.config import build
     from rlhf_cli.data import pref_data
     from rlhf_cli.models.loading import load_tokenizer, parse_model_spec
@@ -96,8 +96,8 @@ def build_plan(cfg_kw: dict, steps: int) -> dict:
     cfg = build(RmConfig, **cfg_kw)
     tok = load_tokenizer(parse_model_spec(cfg.model))
     rows, _ = load_rows(cfg)
-    train, _ = split_examples(cfg, pref_data.tokenize_prefs(tok, rows, cfg.format, cfg.max_len), [])
-    plan = training.plan_epochs(lambda e: epoch_batches(train, cfg.train.seed, e, cfg.batch_size), cfg.train, 1)
+    train, _ = pref_data.split_examples(pref_data.tokenize_prefs(tok, rows, cfg.format, cfg.max_len), [], cfg.eval_split, cfg.train.seed)
+    plan = training.plan_epochs(lambda e: pref_data.epoch_batches(train, cfg.train.seed, e, cfg.batch_size), cfg.train, 1)
     mbs = plan.mbs[:steps]
     return {"batch_size": cfg.batch_size, "max_len": cfg.max_len, "steps": steps, "pad_id": tok.pad_token_id,
             "rows": [{"chosen_ids": ex.seqs[0], "rejected_ids": ex.seqs[1]} for mb in mbs for ex in mb],

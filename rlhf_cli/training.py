@@ -64,6 +64,24 @@ class CausalLMLoss(nn.Module):
         return linear_cross_entropy_sum(h, head.weight, y, head.bias)
 
 
+class SequenceLogprobs(nn.Module):
+    """forward(ids, mask, prompt_width, response, response_mask) -> (S,) summed log-probs of each answer.
+
+    Left-padded prompts + right-padded answers (generation.response_logprobs: the fused head +
+    log-softmax, no (tokens, vocab) logits). One module around the policy so DDP sees every parameter.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model: Any = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, response: torch.Tensor,
+                response_mask: torch.Tensor) -> torch.Tensor:
+        from rlhf_cli.generation import response_logprobs
+
+        return response_logprobs(self.model, ids, mask, prompt_width, response, response_mask).sum(-1)
+
+
 @torch.no_grad()
 def evaluate(loss_mod: nn.Module, microbatches: list[Any], pad_id: int, device: str, dist: Any, autocast: Any) -> float:
     """Token-mean NLL over held-out microbatches (sharded over processes)."""

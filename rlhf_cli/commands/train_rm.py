@@ -186,9 +186,10 @@ def run(cfg: RmConfig) -> dict[str, Any]:
     # 2. tokenizer, examples, the data plan (deterministic from the seed; identical on every rank)
     tok = load_tokenizer(spec, t.trust_remote_code)
     ensure_distinct_pad(tok)
-    train, held_out = split_examples(cfg, pref_data.tokenize_prefs(tok, rows, cfg.format, cfg.max_len),
-                                     pref_data.tokenize_prefs(tok, eval_rows, cfg.format, cfg.max_len) if eval_rows else [])
-    plan = training.plan_epochs(lambda e: epoch_batches(train, t.seed, e, cfg.batch_size), t, env.per_step)
+    train, held_out = pref_data.split_examples(pref_data.tokenize_prefs(tok, rows, cfg.format, cfg.max_len),
+                                               pref_data.tokenize_prefs(tok, eval_rows, cfg.format, cfg.max_len) if eval_rows else [],
+                                               cfg.eval_split, t.seed)
+    plan = training.plan_epochs(lambda e: pref_data.epoch_batches(train, t.seed, e, cfg.batch_size), t, env.per_step)
     eval_mbs = [held_out[i : i + cfg.batch_size] for i in range(0, len(held_out), cfg.batch_size)]
 
     # 3. model (+ LoRA), optimizer, optional resume, metrics
@@ -315,25 +316,6 @@ def training_reward_stats(cfg: RmConfig, step_fn: StepFn, fwd: Any, train: list[
     stats = sums.reduce(device)
     return {"reward_mean": stats["reward_mean"], "reward_std": stats["reward_std"], "reward_stats_rows": len(pool),
             "train_accuracy": stats["accuracy"]}
-
-
-def split_examples(cfg: RmConfig, train: list[Any], held_out: list[Any]) -> tuple[list[Any], list[Any]]:
-    """--eval-split holds out a seeded fraction of the rows (a ranking row stays whole)."""
-    if not cfg.eval_split:
-        return train, held_out
-    pool = list(train)
-    random.Random(f"{cfg.train.seed}:eval").shuffle(pool)
-    n_eval = max(1, round(cfg.eval_split * len(pool)))
-    if n_eval >= len(pool):
-        raise RlhfError(f"--eval-split {cfg.eval_split} leaves no training rows out of {len(pool)}", "lower --eval-split or add rows")
-    return pool[n_eval:], pool[:n_eval]
-
-
-def epoch_batches(train: list[Any], seed: int, epoch: int, batch_size: int) -> list[list[Any]]:
-    """One epoch's microbatches: a seeded shuffle of the rows, cut into --batch-size chunks."""
-    rows = list(train)
-    random.Random(f"{seed}:{epoch}").shuffle(rows)
-    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
 def _resume_key(cfg: RmConfig, per_step: int) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class PrefExample(NamedTuple):
     ranks: list[int]  # the group of each sequence: 0 = best
     margin: float  # 0.0 when the row has none
     where: str
+    answer_lens: tuple[int, ...] = ()  # completion + EOS tokens at the end of each sequence (dpo scores only those)
 
 
 # ---------------------------------------------------------------- parsing
@@ -274,20 +275,22 @@ def tokenize_prefs(tok: Any, rows: list[PrefRow], fmt: str, max_len: int) -> lis
             same.append(row.where)  # HH-RLHF has a few: there is no preference to learn
             continue
         p = prompt_ids(tok, row.prompt, row.messages, fmt, row.raw)
-        seqs, ranks, truncated = [], [], False
+        seqs, ranks, lens, truncated = [], [], [], False
         for rank, group in enumerate(row.groups):
             for text in group:
-                fitted = fit(p, completion_ids(tok, text), max_len)
+                answer = completion_ids(tok, text)
+                fitted = fit(p, answer, max_len)
                 if fitted is None:
                     break
                 seqs.append(fitted[0])
                 ranks.append(rank)
+                lens.append(len(answer))
                 truncated |= fitted[1]
         if len(seqs) < sum(len(g) for g in row.groups):
             too_long.append(row.where)
             continue
         cut += truncated
-        out.append(PrefExample(seqs, ranks, row.margin or 0.0, row.where))
+        out.append(PrefExample(seqs, ranks, row.margin or 0.0, row.where, tuple(lens)))
     if cut:
         warn(f"{cut} of {len(rows)} rows were longer than --max-len {max_len}: their prompts were truncated from the left")
     if too_long:
@@ -346,3 +349,26 @@ def sequence_count(mb: list[PrefExample]) -> int:
 
 def token_count(mb: list[PrefExample]) -> int:
     return sum(len(s) for ex in mb for s in ex.seqs)
+
+
+def split_examples(train: list[Any], held_out: list[Any], eval_split: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """--eval-split holds out a seeded fraction of the rows (a ranking row stays whole)."""
+    import random
+
+    if not eval_split:
+        return train, held_out
+    pool = list(train)
+    random.Random(f"{seed}:eval").shuffle(pool)
+    n_eval = max(1, round(eval_split * len(pool)))
+    if n_eval >= len(pool):
+        raise RlhfError(f"--eval-split {eval_split} leaves no training rows out of {len(pool)}", "lower --eval-split or add rows")
+    return pool[n_eval:], pool[:n_eval]
+
+
+def epoch_batches(train: list[Any], seed: int, epoch: int, batch_size: int) -> list[list[Any]]:
+    """One epoch's microbatches: a seeded shuffle of the rows, cut into --batch-size chunks."""
+    import random
+
+    rows = list(train)
+    random.Random(f"{seed}:{epoch}").shuffle(rows)
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
