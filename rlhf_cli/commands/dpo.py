@@ -358,7 +358,7 @@ class RefScorer:
 
         if self.cfg.loss == "simpo":
             return None
-        if self.table and all(idx in self.table for idx, _ in mb):
+        if self.table:  # --precompute-ref: every training and held-out row is in it
             return torch.cat([self.table[idx] for idx, _ in mb]).to(self.device)
         return self.live(b)
 
@@ -383,9 +383,8 @@ class RefScorer:
                 save_file(table, str(path))
             runtime.barrier()
         self.table = {int(k): v for k, v in load_file(str(path)).items()}
-        if self.ref is not None:
-            self.ref = self.ref.to("cpu")  # one model on the device from here on
-            runtime.release_cache(self.device)
+        self.ref = None  # one model in memory from here on
+        runtime.release_cache(self.device)
 
 
 def load_reference(cfg: DpoConfig, spec: Any, tok: Any, device: str) -> Any:
