@@ -65,21 +65,35 @@ class CausalLMLoss(nn.Module):
 
 
 class SequenceLogprobs(nn.Module):
-    """forward(ids, mask, prompt_width, response, response_mask) -> (S,) summed log-probs of each answer.
+    """forward(ids, mask, answer_mask) -> (S,) summed log-probs of each sequence's answer tokens.
 
-    Left-padded prompts + right-padded answers (generation.response_logprobs: the fused head +
-    log-softmax, no (tokens, vocab) logits). One module around the policy so DDP sees every parameter.
+    ids, mask, answer_mask: (S, T) right-padded prompt + answer rows (as TRL lays them out, so a batch
+    is as wide as its longest row), answer_mask True on the answer tokens (EOS included). A plain
+    linear head runs fused with the log-softmax (kernels/: no (S, T, V) logits); other heads go
+    through the model's own logits. One module around the policy so DDP sees every parameter.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model: Any = model
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, response: torch.Tensor,
-                response_mask: torch.Tensor) -> torch.Tensor:
-        from rlhf_cli.generation import response_logprobs
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+        return sequence_logprobs(self.model, ids, mask, answer_mask)
 
-        return response_logprobs(self.model, ids, mask, prompt_width, response, response_mask).sum(-1)
+
+def sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """(S,) sum over answer positions t of log p(ids[t] | ids[:t]); see `SequenceLogprobs`."""
+    from rlhf_cli.kernels import fused_linear_logprobs, token_logprobs
+    from rlhf_cli.models.introspect import plain_linear_head
+
+    targets, valid = ids[:, 1:], answer_mask[:, 1:].bool()  # (S, T-1): the state at t-1 predicts token t
+    if plain_linear_head(model):
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (S, T, H)
+        head = model.get_output_embeddings()
+        logp = fused_linear_logprobs(hidden[:, :-1], head.weight, targets, head.bias, mask=valid)
+    else:
+        logp = token_logprobs(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1], targets, mask=valid)
+    return (logp * valid).sum(-1)  # (S,)
 
 
 @torch.no_grad()

@@ -110,8 +110,11 @@ def test_ranking_rows_give_all_their_strict_pairs_and_weigh_as_one_prompt(tmp_pa
     b = batch_tensors(list(enumerate(ex)), tok.pad_token_id, "cpu")
     assert b["better"].tolist() == [0, 0, 0, 1, 2, 4] and b["worse"].tolist() == [1, 2, 3, 3, 3, 5]  # ties (bb, cc) skipped
     assert b["row"].tolist() == [0, 0, 0, 0, 0, 1]
-    # the answer tokens are exactly the completion + EOS, right-padded after a left-padded prompt
-    assert b["response_mask"].sum(1).tolist() == [len(x) for e in ex for x in (e.seqs[i][-e.answer_lens[i]:] for i in range(len(e.seqs)))]
+    # the answer tokens are exactly the completion + EOS at the end of each right-padded sequence
+    for k, seq in enumerate(s for e in ex for s in e.seqs):
+        n = int(b["answer_mask"][k].sum())
+        assert b["ids"][k][b["answer_mask"][k]].tolist() == seq[-n:] and b["mask"][k].sum() == len(seq)
+    assert b["answer_mask"].sum(1).tolist() == [n for e in ex for n in e.answer_lens]
 
 
 @pytest.mark.parametrize("loss", ["ipo", "hinge", "robust", "apo-zero", "simpo"])
@@ -227,3 +230,30 @@ def test_proof_held_out_preference_accuracy_rises_on_unseen_prompts(tmp_path):
     rows_ = metrics_rows(cfg.out)
     assert rows_[0]["accuracy"] == 0.0 and rows_[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert final["eval_accuracy"] >= 0.9 and final["eval_margin"] > 0
+
+
+def test_right_padded_answer_logprobs_equal_the_sampler_layout(tmp_path):
+    """The training layout (right-padded prompt + answer, answer mask) gives the same answer log-probs as
+    the sampler's (left-padded prompt, right-padded answer: generation.response_logprobs)."""
+    from rlhf_cli.commands.dpo import batch_tensors
+    from rlhf_cli.data.jsonl import read_jsonl
+    from rlhf_cli.data.pref_data import parse_pref_row, tokenize_prefs
+    from rlhf_cli.generation import left_pad, pad_responses, response_logprobs
+    from rlhf_cli.models.builtin import build_model, build_tokenizer
+    from rlhf_cli.training import sequence_logprobs
+
+    path = write_jsonl(tmp_path, "r.jsonl", [*pairs(3), {"prompt": "A much longer prompt than the others, to pad", "chosen": "x", "rejected": "yy"}])
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = build_model("micro", len(tok), tok).eval()
+    ex = tokenize_prefs(tok, [parse_pref_row(x) for x in read_jsonl(str(path))], "chat", 64)
+    b = batch_tensors(list(enumerate(ex)), tok.pad_token_id, "cpu")
+    seqs = [s for e in ex for s in e.seqs]
+    lens = [n for e in ex for n in e.answer_lens]
+    p_ids, p_mask = left_pad([s[:-n] for s, n in zip(seqs, lens)], tok.pad_token_id, "cpu")
+    ids, mask, resp, rmask = pad_responses(p_ids, p_mask, [s[-n:] for s, n in zip(seqs, lens)], tok.pad_token_id)
+    with torch.no_grad():
+        ours = sequence_logprobs(model, b["ids"], b["mask"], b["answer_mask"])
+        sampler = response_logprobs(model, ids, mask, p_ids.shape[1], resp, rmask).sum(-1)
+    torch.testing.assert_close(ours, sampler, atol=1e-4, rtol=1e-5)
+    assert (ours < 0).all()

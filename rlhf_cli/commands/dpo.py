@@ -271,38 +271,38 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
 
 
 def batch_tensors(mb: list[tuple[int, PrefExample]], pad: int, device: str) -> dict[str, Any]:
-    """Every answer of every row as left-padded prompt + right-padded answer, and the preference pairs.
+    """Every answer of every row as one right-padded prompt + answer sequence, and the preference pairs.
 
-    ids, mask: (S, P+G); response, response_mask: (S, G); lens (S,) answer tokens; better, worse,
+    ids, mask, answer_mask: (S, T), T the longest sequence; lens (S,) answer tokens; better, worse,
     row (P,) sequence indices of each strict pair and its row; margin (P,).
     """
     import torch
 
-    from rlhf_cli.generation import left_pad, pad_responses
     from rlhf_cli.losses.rm import strict_pairs
 
-    prompts: list[list[int]] = []
-    answers: list[list[int]] = []
+    seqs: list[list[int]] = []
+    answer_lens: list[int] = []
     better: list[int] = []
     worse: list[int] = []
     row: list[int] = []
     margin: list[float] = []
     for r, (_idx, ex) in enumerate(mb):
-        base = len(prompts)
-        for seq, n in zip(ex.seqs, ex.answer_lens, strict=True):
-            prompts.append(seq[:-n])
-            answers.append(seq[-n:])
+        base = len(seqs)
+        seqs.extend(ex.seqs)
+        answer_lens.extend(ex.answer_lens)
         for i, j in strict_pairs(ex.ranks):
             better.append(base + i)
             worse.append(base + j)
             row.append(r)
             margin.append(ex.margin)
-    p_ids, p_mask = left_pad(prompts, pad, device)
-    ids, mask, response, rmask = pad_responses(p_ids, p_mask, answers, pad)
+    width = max(len(x) for x in seqs)
     as_t = lambda v, **kw: torch.tensor(v, device=device, **kw)  # noqa: E731
-    return {"ids": ids, "mask": mask, "prompt_width": p_ids.shape[1], "response": response, "response_mask": rmask,
-            "lens": as_t([len(a) for a in answers], dtype=torch.float32), "better": as_t(better), "worse": as_t(worse),
-            "row": as_t(row), "margin": as_t(margin, dtype=torch.float32), "n_rows": len(mb)}
+    ids = as_t([x + [pad] * (width - len(x)) for x in seqs])
+    mask = as_t([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
+    answer = as_t([[0] * (len(x) - n) + [1] * n + [0] * (width - len(x)) for x, n in zip(seqs, answer_lens, strict=True)])
+    return {"ids": ids, "mask": mask, "answer_mask": answer.bool(), "lens": as_t(answer_lens, dtype=torch.float32),
+            "better": as_t(better), "worse": as_t(worse), "row": as_t(row), "margin": as_t(margin, dtype=torch.float32),
+            "n_rows": len(mb)}
 
 
 def microbatch_loss(cfg: DpoConfig, fwd: Any, scorer: RefScorer, mb: list[tuple[int, PrefExample]], pad: int, device: str,
@@ -313,7 +313,7 @@ def microbatch_loss(cfg: DpoConfig, fwd: Any, scorer: RefScorer, mb: list[tuple[
     from rlhf_cli.losses.dpo import preference_loss, rpo_nll
 
     b = batch_tensors(mb, pad, device)
-    logp = fwd(b["ids"], b["mask"], b["prompt_width"], b["response"], b["response_mask"])  # (S,) summed answer log-probs
+    logp = fwd(b["ids"], b["mask"], b["answer_mask"])  # (S,) summed answer log-probs
     ref = scorer(mb, b)  # (S,) or None (simpo)
     c, r = b["better"], b["worse"]
     out = preference_loss(cfg.loss, logp[c], logp[r], None if ref is None else ref[c], None if ref is None else ref[r], cfg.beta,
@@ -346,12 +346,12 @@ class RefScorer:
 
         import torch
 
-        from rlhf_cli.generation import response_logprobs
+        from rlhf_cli.training import sequence_logprobs
 
         model = self.ref if self.ref is not None else self.policy
         off = self.policy.disable_adapter() if self.ref is None else contextlib.nullcontext()
         with torch.no_grad(), off:
-            return response_logprobs(model, b["ids"], b["mask"], b["prompt_width"], b["response"], b["response_mask"]).sum(-1).float()
+            return sequence_logprobs(model, b["ids"], b["mask"], b["answer_mask"]).float()
 
     def __call__(self, mb: list[tuple[int, PrefExample]], b: dict[str, Any]) -> torch.Tensor | None:
         import torch
