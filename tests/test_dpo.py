@@ -250,8 +250,8 @@ def test_right_padded_answer_logprobs_equal_the_sampler_layout(tmp_path):
     b = batch_tensors(list(enumerate(ex)), tok.pad_token_id, "cpu")
     seqs = [s for e in ex for s in e.seqs]
     lens = [n for e in ex for n in e.answer_lens]
-    p_ids, p_mask = left_pad([s[:-n] for s, n in zip(seqs, lens)], tok.pad_token_id, "cpu")
-    ids, mask, resp, rmask = pad_responses(p_ids, p_mask, [s[-n:] for s, n in zip(seqs, lens)], tok.pad_token_id)
+    p_ids, p_mask = left_pad([s[:-n] for s, n in zip(seqs, lens, strict=True)], tok.pad_token_id, "cpu")
+    ids, mask, resp, rmask = pad_responses(p_ids, p_mask, [s[-n:] for s, n in zip(seqs, lens, strict=True)], tok.pad_token_id)
     with torch.no_grad():
         ours = sequence_logprobs(model, b["ids"], b["mask"], b["answer_mask"])
         sampler = response_logprobs(model, ids, mask, p_ids.shape[1], resp, rmask).sum(-1)
