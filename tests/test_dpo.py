@@ -257,3 +257,41 @@ def test_right_padded_answer_logprobs_equal_the_sampler_layout(tmp_path):
         sampler = response_logprobs(model, ids, mask, p_ids.shape[1], resp, rmask).sum(-1)
     torch.testing.assert_close(ours, sampler, atol=1e-4, rtol=1e-5)
     assert (ours < 0).all()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
+    """kill -9 once step >= 4 is saved (with precomputed reference log-probs in the state), `--resume`,
+    and the result equals a run never interrupted."""
+    import signal
+    import time
+
+    data = write_jsonl(tmp_path, "prefs.jsonl", pairs(96))
+    out = tmp_path / "dpo"
+    args = ["dpo", str(data), "--model", "builtin:tiny", "--max-len", "64", "--batch-size", "8", "--max-steps", "12",
+            "--save-every", "2", "--lr", "3e-3", "--seed", "3", "--precompute-ref", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RLHF_DEBUG", None)
+    log = (tmp_path / "killed.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=log)
+    latest = tmp_path / "dpo-state" / "latest"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text() >= "step-00000004":
+            break
+        time.sleep(0.01)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert alive, f"the run ended before it could be killed:\n{(tmp_path / 'killed.log').read_text()}"
+    assert not out.exists() and (tmp_path / "dpo-state" / "ref_logprobs.safetensors").is_file()
+
+    same = dict(model="builtin:tiny", batch_size=8, max_steps=12, lr=3e-3, seed=3, schedule="cosine", precompute_ref=True)
+    run(dpo_config(data, out, save_every=2, resume=True, **same))
+    run(reference := dpo_config(data, tmp_path / "reference", **same))
+    rows, ref_rows = no_timing(metrics_rows(out)), no_timing(metrics_rows(reference.out))
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for x, y in zip(rows, ref_rows, strict=True):
+        assert x == pytest.approx(y, rel=1e-5, abs=1e-6)
+    assert_same_weights(load_weights(out), load_weights(reference.out), atol=1e-5)
