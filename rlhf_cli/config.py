@@ -195,17 +195,11 @@ def check(cfg: Any, where: dict[str, str] | None = None) -> None:
 
 
 def _get(cfg: Any, name: str) -> Any:
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if is_dataclass(value):
-            if name in {g.name for g in fields(value)} or any(is_dataclass(getattr(value, g.name)) for g in fields(value)):
-                try:
-                    return _get(value, name)
-                except KeyError:
-                    pass
-        elif f.name == name:
-            return value
-    raise KeyError(name)
+    """The value of a leaf field, looked up in the (nested) dataclass that owns it."""
+    if leaf_fields(type(cfg))[name] is type(cfg):
+        return getattr(cfg, name)
+    sub = next(v for f in fields(cfg) if is_dataclass(v := getattr(cfg, f.name)) and name in leaf_fields(type(v)))
+    return _get(sub, name)
 
 
 _INTERVAL = re.compile(r"^([\[(])\s*([-\d.e+]+)\s*,\s*([-\d.e+]+)\s*([\])])$")

@@ -271,46 +271,21 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
 
 
 def batch_tensors(mb: list[tuple[int, PrefExample]], pad: int, device: str) -> dict[str, Any]:
-    """Every answer of every row as one right-padded prompt + answer sequence, and the preference pairs.
+    """Every answer of every row as one right-padded prompt + answer sequence, and the preference pairs
+    (pref_data.collate, as train-rm batches them): ids, mask, answer_mask (S, T); lens (S,) answer
+    tokens; better, worse, row (P,) sequence indices of each strict pair and its row; margin (P,)."""
+    from rlhf_cli.data.pref_data import collate
 
-    ids, mask, answer_mask: (S, T), T the longest sequence; lens (S,) answer tokens; better, worse,
-    row (P,) sequence indices of each strict pair and its row; margin (P,).
-    """
-    import torch
-
-    from rlhf_cli.losses.rm import strict_pairs
-
-    seqs: list[list[int]] = []
-    answer_lens: list[int] = []
-    better: list[int] = []
-    worse: list[int] = []
-    row: list[int] = []
-    margin: list[float] = []
-    for r, (_idx, ex) in enumerate(mb):
-        base = len(seqs)
-        seqs.extend(ex.seqs)
-        answer_lens.extend(ex.answer_lens)
-        for i, j in strict_pairs(ex.ranks):
-            better.append(base + i)
-            worse.append(base + j)
-            row.append(r)
-            margin.append(ex.margin)
-    width = max(len(x) for x in seqs)
-    as_t = lambda v, **kw: torch.tensor(v, device=device, **kw)  # noqa: E731
-    ids = as_t([x + [pad] * (width - len(x)) for x in seqs])
-    mask = as_t([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
-    answer = as_t([[0] * (len(x) - n) + [1] * n + [0] * (width - len(x)) for x, n in zip(seqs, answer_lens, strict=True)])
-    return {"ids": ids, "mask": mask, "answer_mask": answer.bool(), "lens": as_t(answer_lens, dtype=torch.float32),
-            "better": as_t(better), "worse": as_t(worse), "row": as_t(row), "margin": as_t(margin, dtype=torch.float32),
-            "n_rows": len(mb)}
+    b = collate([ex for _, ex in mb], pad)
+    names = {"input_ids": "ids", "attention_mask": "mask", "answer_lens": "lens"}
+    return {names.get(k, k): v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
 
 
 def microbatch_loss(cfg: DpoConfig, fwd: Any, scorer: RefScorer, mb: list[tuple[int, PrefExample]], pad: int, device: str,
                     sums: Sums) -> torch.Tensor:
     """One forward over all the microbatch's answers -> the summed per-prompt loss (each prompt: the mean over its pairs)."""
-    import torch
-
     from rlhf_cli.losses.dpo import preference_loss, rpo_nll
+    from rlhf_cli.losses.rm import per_row_mean
 
     b = batch_tensors(mb, pad, device)
     logp = fwd(b["ids"], b["mask"], b["answer_mask"])  # (S,) summed answer log-probs
@@ -319,9 +294,7 @@ def microbatch_loss(cfg: DpoConfig, fwd: Any, scorer: RefScorer, mb: list[tuple[
     out = preference_loss(cfg.loss, logp[c], logp[r], None if ref is None else ref[c], None if ref is None else ref[r], cfg.beta,
                           label_smoothing=cfg.label_smoothing, gamma=cfg.gamma, len_c=b["lens"][c], len_r=b["lens"][r],
                           margin=b["margin"] if cfg.use_margin else None)
-    per_row = torch.zeros(b["n_rows"], device=logp.device).index_add_(0, b["row"], out.loss.float())
-    count = torch.zeros(b["n_rows"], device=logp.device).index_add_(0, b["row"], torch.ones_like(out.loss, dtype=torch.float32))
-    loss = (per_row / count.clamp(min=1)).sum()
+    loss = per_row_mean(out.loss.float(), b["row"], b["n_rows"]).sum()
     if cfg.sft_coef:
         loss = loss + cfg.sft_coef * rpo_nll(logp[c], b["lens"][c]) * b["n_rows"]
     diff = (out.chosen_rewards - out.rejected_rewards).detach()

@@ -310,7 +310,8 @@ def tokenize_prefs(tok: Any, rows: list[PrefRow], fmt: str, max_len: int) -> lis
 def collate(mb: list[PrefExample], pad_id: int, use_margin: bool = True) -> dict[str, Any]:
     """One microbatch: every completion of every row as one right-padded sequence, plus the pairs.
 
-    input_ids, attention_mask: (S, T), S = all completions of the rows. The preference pairs:
+    input_ids, attention_mask: (S, T), S = all completions of the rows; answer_mask (S, T) True on
+    each sequence's completion + EOS tokens, answer_lens (S,) their counts. The preference pairs:
     better, worse (P,) index sequences, row (P,) says which row (prompt) a pair belongs to, margin
     (P,). A ranking row of K completions gives all its strictly ordered pairs (K choose 2 without
     ties) from only K sequences: InstructGPT's "one batch element per prompt".
@@ -322,22 +323,28 @@ def collate(mb: list[PrefExample], pad_id: int, use_margin: bool = True) -> dict
     width = max(len(s) for ex in mb for s in ex.seqs)
     ids: list[list[int]] = []  # (S, width) padded sequences
     att: list[list[int]] = []
+    answer: list[list[int]] = []
+    answer_lens: list[int] = []
     better: list[int] = []  # per strict pair: sequence indices and the example it belongs to
     worse: list[int] = []
     row: list[int] = []
     margin: list[float] = []
     for r, ex in enumerate(mb):
         base = len(ids)
-        for s in ex.seqs:
+        for k, s in enumerate(ex.seqs):
+            n = ex.answer_lens[k] if ex.answer_lens else 0
             ids.append(s + [pad_id] * (width - len(s)))
             att.append([1] * len(s) + [0] * (width - len(s)))
+            answer.append([0] * (len(s) - n) + [1] * n + [0] * (width - len(s)))
+            answer_lens.append(n)
         for i, j in strict_pairs(ex.ranks):
             better.append(base + i)
             worse.append(base + j)
             row.append(r)
             margin.append(ex.margin if use_margin else 0.0)
     return {
-        "input_ids": torch.tensor(ids), "attention_mask": torch.tensor(att),
+        "input_ids": torch.tensor(ids), "attention_mask": torch.tensor(att), "answer_mask": torch.tensor(answer, dtype=torch.bool),
+        "answer_lens": torch.tensor(answer_lens, dtype=torch.float32),
         "better": torch.tensor(better), "worse": torch.tensor(worse), "row": torch.tensor(row),
         "margin": torch.tensor(margin, dtype=torch.float32), "n_rows": len(mb),
     }

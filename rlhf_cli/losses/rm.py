@@ -77,6 +77,12 @@ def grouped_preference_loss(
     per_pair = bradley_terry_loss(r_w, r_l, margin)
     if center_coef:
         per_pair = per_pair + center_coef * centering_penalty(r_w, r_l)
+    return per_row_mean(per_pair, row, n_rows)
+
+
+def per_row_mean(per_pair: torch.Tensor, row: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(P,) pair losses -> (n_rows,) the mean over each prompt's pairs (a prompt weighs the same
+    whatever its number of pairs: InstructGPT's "one batch element per prompt")."""
     sums = per_pair.new_zeros(n_rows).index_add(0, row, per_pair)  # (G,)
     counts = per_pair.new_zeros(n_rows).index_add(0, row, torch.ones_like(per_pair))
     return sums / counts.clamp(min=1)
