@@ -111,6 +111,53 @@ def collect(pv: PolicyAndValue, ref: nn.Module | None, tok: Any, prompts: list[l
     return Rollout(ids, mask, p, response, rmask, logp, ref_logp, values, ent, has_eos, comps)
 
 
+class GroupBatch(NamedTuple):
+    """GRPO's experience on one process, group-major (rows g*K .. g*K+K-1 answer prompt g), detached."""
+
+    ids: torch.Tensor  # (N, P+G) left-padded prompt + right-padded response
+    mask: torch.Tensor  # (N, P+G)
+    prompt_width: int  # P
+    response: torch.Tensor  # (N, G)
+    response_mask: torch.Tensor  # (N, G) bool
+    logp: torch.Tensor  # (N, G) the sampler's log-probs: the old policy, at the sampling temperature
+    entropy: torch.Tensor  # (N, G) entropy of the sampling distribution at each step
+    truncated: torch.Tensor  # (N,) bool: cut off at max_new_tokens without EOS
+    completions: list[Completion]
+
+
+@torch.no_grad()
+def sample_groups(model: nn.Module, tok: Any, chunks: list[tuple[list[list[int]], int]], params: SamplingParams, device: str,
+                  pad: int) -> GroupBatch:
+    """params.n samples of each prompt, one KV-cached sampling call per (prompts, seed) chunk, keeping the
+    sampler's own log-probs and entropy (the behaviour policy: no second forward)."""
+    comps: list[Completion] = []
+    rows: list[list[int]] = []
+    for prompts, seed in chunks:
+        comps += [c for g in generate(model, tok, prompts, params, device, seed, track=True) for c in g]
+        rows += [p for p in prompts for _ in range(params.n)]
+    prompt_ids, prompt_mask = left_pad(rows, pad, device)
+    ids, mask, response, rmask = pad_responses(prompt_ids, prompt_mask, [c.token_ids for c in comps], pad)
+    g = response.shape[1]
+    logp = torch.tensor([(c.logprobs or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)  # (N, G)
+    ent = torch.tensor([(c.entropies or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)
+    truncated = torch.tensor([c.finish_reason != "stop" for c in comps], device=device)
+    return GroupBatch(ids, mask, prompt_ids.shape[1], response, rmask, logp, ent, truncated, comps)
+
+
+class PolicyLogprobs(nn.Module):
+    """forward(ids, mask, prompt_width, response, response_mask) -> (N, G) log-probs of the response tokens
+    at the sampling temperature; one module around the policy, so DDP sees every parameter (GRPO)."""
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.model: Any = model
+        self.temperature = temperature
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, response: torch.Tensor,
+                response_mask: torch.Tensor) -> torch.Tensor:
+        return response_logprobs(self.model, ids, mask, prompt_width, response, response_mask, self.temperature)
+
+
 def disable_dropout(model: nn.Module) -> None:
     """PPO's ratio pi_new / pi_old must be 1 when nothing has changed: no dropout anywhere (as TRL)."""
     for m in model.modules():

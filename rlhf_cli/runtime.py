@@ -80,6 +80,18 @@ def all_reduce_sum(value: float, device: str) -> float:
     return float(t.item())
 
 
+def all_reduce_max(value: float, device: str) -> float:
+    """Max of a Python float over all processes (identity when not distributed)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def all_reduce_mean(stats: dict[str, float], device: str, n: int) -> dict[str, float]:
     """Average each statistic over processes, weighting each process by its `n` samples."""
     total = all_reduce_sum(float(n), device)

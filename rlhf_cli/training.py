@@ -65,35 +65,46 @@ class CausalLMLoss(nn.Module):
 
 
 class SequenceLogprobs(nn.Module):
-    """forward(ids, mask, answer_mask) -> (S,) summed log-probs of each sequence's answer tokens.
+    """forward(ids, mask, answer_mask[, position_ids, seq_index]) -> (S,) summed log-probs of each sequence's answer tokens.
 
-    ids, mask, answer_mask: (S, T) right-padded prompt + answer rows (as TRL lays them out, so a batch
-    is as wide as its longest row), answer_mask True on the answer tokens (EOS included). A plain
-    linear head runs fused with the log-softmax (kernels/: no (S, T, V) logits); other heads go
-    through the model's own logits. One module around the policy so DDP sees every parameter.
+    Padded layout: ids, mask, answer_mask (S, T) right-padded prompt + answer rows (as TRL lays them
+    out, so a batch is as wide as its longest row), answer_mask True on the answer tokens (EOS
+    included). Packed layout (pref_data.pack): mask None, ids, position_ids, seq_index, answer_mask
+    (R, W), several sequences per row. A plain linear head runs fused with the log-softmax (kernels/:
+    no (S, T, V) logits); other heads go through the model's own logits. One module around the
+    policy so DDP sees every parameter.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model: Any = model
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-        return sequence_logprobs(self.model, ids, mask, answer_mask)
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, answer_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None, seq_index: torch.Tensor | None = None) -> torch.Tensor:
+        return sequence_logprobs(self.model, ids, mask, answer_mask, position_ids, seq_index)
 
 
-def sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+def sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, answer_mask: torch.Tensor,
+                      position_ids: torch.Tensor | None = None, seq_index: torch.Tensor | None = None) -> torch.Tensor:
     """(S,) sum over answer positions t of log p(ids[t] | ids[:t]); see `SequenceLogprobs`."""
     from rlhf_cli.kernels import fused_linear_logprobs, token_logprobs
     from rlhf_cli.models.introspect import plain_linear_head
 
-    targets, valid = ids[:, 1:], answer_mask[:, 1:].bool()  # (S, T-1): the state at t-1 predicts token t
+    targets, valid = ids[:, 1:], answer_mask[:, 1:].bool()  # (R, T-1): the state at t-1 predicts token t
+    if seq_index is not None:  # packed: a target counts only if its predictor is in the same sequence
+        valid = valid & (seq_index[:, 1:] == seq_index[:, :-1])
+    kw = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "use_cache": False}
     if plain_linear_head(model):
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (S, T, H)
+        hidden = model.get_decoder()(**kw).last_hidden_state  # (R, T, H)
         head = model.get_output_embeddings()
         logp = fused_linear_logprobs(hidden[:, :-1], head.weight, targets, head.bias, mask=valid)
     else:
-        logp = token_logprobs(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1], targets, mask=valid)
-    return (logp * valid).sum(-1)  # (S,)
+        logp = token_logprobs(model(**kw).logits[:, :-1], targets, mask=valid)
+    if seq_index is None:
+        return (logp * valid).sum(-1)  # (S,)
+    seg = seq_index[:, 1:][valid]
+    n = int(seq_index.max()) + 1
+    return torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, seg, logp[valid])  # (S,)
 
 
 @torch.no_grad()

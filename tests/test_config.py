@@ -20,6 +20,7 @@ from rlhf_cli.errors import RlhfError
 def _configs() -> dict[str, type]:
     """Every command, as typed -> its config class."""
     from rlhf_cli.commands.dpo import DpoConfig
+    from rlhf_cli.commands.grpo import GrpoConfig
     from rlhf_cli.commands.pairwise import PairwiseConfig
     from rlhf_cli.commands.plot import PlotConfig
     from rlhf_cli.commands.ppo import PpoConfig
@@ -35,7 +36,7 @@ def _configs() -> dict[str, type]:
 
     return {"sft": SftConfig, "train-rm": RmConfig, "ppo": PpoConfig, "sample": SampleConfig, "pairwise": PairwiseConfig,
             "plot": PlotConfig, "eval exact": ExactConfig, "eval rm": RmEvalConfig, "eval ppl": PplConfig, "eval mc": McConfig,
-            "eval winrate": WinrateConfig, "eval code": CodeConfig, "dpo": DpoConfig}
+            "eval winrate": WinrateConfig, "eval code": CodeConfig, "dpo": DpoConfig, "grpo": GrpoConfig}
 
 
 def test_every_command_is_covered():

@@ -78,6 +78,7 @@ class DpoConfig:
     sft_coef: float = 0.0  # RPO: + coef x token-mean NLL of the chosen answers
     use_margin: bool = False  # ODPO: the rows' `margin` as an offset
     precompute_ref: bool = False
+    packing: bool = True  # padding-free rows (pref_data.pack)
     eval_data: str | None = None
     eval_split: float = 0.0
     eval_every: int = 0
@@ -117,6 +118,7 @@ def command(
     sft_coef: Annotated[float, typer.Option("--sft-coef", help="Add coef x the chosen answers' NLL (RPO).", rich_help_panel=DPO)] = DpoConfig.sft_coef,
     use_margin: Annotated[bool, typer.Option("--use-margin", help="The rows' 'margin' as an offset (ODPO).", rich_help_panel=DPO)] = DpoConfig.use_margin,
     precompute_ref: Annotated[bool, typer.Option("--precompute-ref", help="Reference log-probs once, before training (one model in memory).", rich_help_panel=DPO)] = DpoConfig.precompute_ref,
+    packing: Annotated[bool, typer.Option("--packing/--no-packing", help="Padding-free rows of several sequences (same numbers, less padding).")] = DpoConfig.packing,
     ref_dtype: Annotated[str, typer.Option("--ref-dtype", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16.")] = DpoConfig.ref_dtype,
     grad_accum: GradAccumOpt = TRAIN.grad_accum,
     lr: LrOpt = TRAIN.lr,
@@ -270,15 +272,22 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- the pieces of a step
 
 
-def batch_tensors(mb: list[tuple[int, PrefExample]], pad: int, device: str) -> dict[str, Any]:
-    """Every answer of every row as one right-padded prompt + answer sequence, and the preference pairs
-    (pref_data.collate, as train-rm batches them): ids, mask, answer_mask (S, T); lens (S,) answer
-    tokens; better, worse, row (P,) sequence indices of each strict pair and its row; margin (P,)."""
+def batch_tensors(mb: list[tuple[int, PrefExample]], pad: int, device: str, packing: bool) -> dict[str, Any]:
+    """Every answer of every row as one prompt + answer sequence, and the preference pairs
+    (pref_data.collate, as train-rm batches them): ids, mask, answer_mask (S, T) right-padded, or
+    ids, position_ids, seq_index, answer_mask (R, W) packed (mask None); lens (S,) answer tokens;
+    better, worse, row (P,) sequence indices of each strict pair and its row; margin (P,)."""
     from rlhf_cli.data.pref_data import collate
 
-    b = collate([ex for _, ex in mb], pad)
+    b = collate([ex for _, ex in mb], pad, packing=packing)
     names = {"input_ids": "ids", "attention_mask": "mask", "answer_lens": "lens"}
-    return {names.get(k, k): v.to(device) if hasattr(v, "to") else v for k, v in b.items()}
+    return {"mask": None, "position_ids": None, "seq_index": None,
+            **{names.get(k, k): v.to(device) if hasattr(v, "to") else v for k, v in b.items()}}
+
+
+def seq_args(b: dict[str, Any]) -> tuple[Any, ...]:
+    """What `SequenceLogprobs` takes from a batch, in either layout."""
+    return b["ids"], b["mask"], b["answer_mask"], b["position_ids"], b["seq_index"]
 
 
 def microbatch_loss(cfg: DpoConfig, fwd: Any, scorer: RefScorer, mb: list[tuple[int, PrefExample]], pad: int, device: str,
@@ -287,8 +296,8 @@ def microbatch_loss(cfg: DpoConfig, fwd: Any, scorer: RefScorer, mb: list[tuple[
     from rlhf_cli.losses.dpo import preference_loss, rpo_nll
     from rlhf_cli.losses.rm import per_row_mean
 
-    b = batch_tensors(mb, pad, device)
-    logp = fwd(b["ids"], b["mask"], b["answer_mask"])  # (S,) summed answer log-probs
+    b = batch_tensors(mb, pad, device, cfg.packing)
+    logp = fwd(*seq_args(b))  # (S,) summed answer log-probs
     ref = scorer(mb, b)  # (S,) or None (simpo)
     c, r = b["better"], b["worse"]
     out = preference_loss(cfg.loss, logp[c], logp[r], None if ref is None else ref[c], None if ref is None else ref[r], cfg.beta,
@@ -300,7 +309,7 @@ def microbatch_loss(cfg: DpoConfig, fwd: Any, scorer: RefScorer, mb: list[tuple[
     diff = (out.chosen_rewards - out.rejected_rewards).detach()
     sums.add(loss_sum=loss.item(), rows=b["n_rows"], pairs=len(diff), correct=(diff > 0).sum().item(), margin_sum=diff.sum().item(),
              rc_sum=out.chosen_rewards.detach().sum().item(), rr_sum=out.rejected_rewards.detach().sum().item(),
-             lc_sum=logp[c].detach().sum().item(), lr_sum=logp[r].detach().sum().item(), tokens=float(b["mask"].sum().item()))
+             lc_sum=logp[c].detach().sum().item(), lr_sum=logp[r].detach().sum().item(), tokens=float(b["tokens"]))
     return loss
 
 
@@ -324,7 +333,7 @@ class RefScorer:
         model = self.ref if self.ref is not None else self.policy
         off = self.policy.disable_adapter() if self.ref is None else contextlib.nullcontext()
         with torch.no_grad(), off:
-            return sequence_logprobs(model, b["ids"], b["mask"], b["answer_mask"]).float()
+            return sequence_logprobs(model, *seq_args(b)).float()
 
     def __call__(self, mb: list[tuple[int, PrefExample]], b: dict[str, Any]) -> torch.Tensor | None:
         import torch
@@ -347,7 +356,7 @@ class RefScorer:
             if dist.main:
                 for i in range(0, len(examples), batch_size):
                     mb = examples[i : i + batch_size]
-                    b = batch_tensors(mb, self.pad, self.device)
+                    b = batch_tensors(mb, self.pad, self.device, self.cfg.packing)
                     logp, start = self.live(b).cpu(), 0
                     for idx, ex in mb:
                         table[str(idx)] = logp[start : start + len(ex.seqs)].contiguous()

@@ -13,13 +13,13 @@ al. 2023, eq. 5), and most losses act on the preferred-minus-dispreferred log-ra
 
     h = (pi_c - ref_c) - (pi_r - ref_r)        so beta * h = r(x, y_c) - r(x, y_r)
 
-    loss     kind        per pair (z = beta * h - m, m = margin or 0)            source
-    DPO      sigmoid     -log σ(z)                                               Rafailov et al. 2023, eq. 7
-    rDPO     robust      [-(1-ε) log σ(z) + ε log σ(-z)] / (1 - 2ε)              Chowdhury et al. 2024, §4
-    SLiC     hinge       max(0, 1 - z)                                           Zhao et al. 2023; Liu et al. 2024 (RSO)
-    IPO      ipo         (h̄ - (1/2 + m) / beta)^2,  h̄ = h with per-token means   Azar et al. 2023, eq. 17
-    APO-zero apo-zero    1 - σ(beta (pi_c - ref_c)) + σ(beta (pi_r - ref_r))       D'Oosterlinck et al. 2024, eq. 7
-    SimPO    simpo       -log σ(beta (pi_c/len_c - pi_r/len_r) - gamma - m)       Meng et al. 2024, eq. 6
+    loss     kind        per pair (z = beta * h - m, m = margin or 0)            source (arXiv)
+    DPO      sigmoid     -log σ(z)                                               Rafailov et al. 2023, 2305.18290, eq. 7
+    rDPO     robust      [-(1-ε) log σ(z) + ε log σ(-z)] / (1 - 2ε)              Chowdhury et al. 2024, 2403.00409 (the rDPO loss)
+    SLiC     hinge       max(0, 1 - z)                                           Zhao et al. 2023, 2305.10425; Liu et al. 2023 (RSO), 2309.06657
+    IPO      ipo         (h̄ - (1/2 + m) / beta)^2,  h̄ = h with per-token means   Azar et al. 2023, 2310.12036 (the sampled IPO loss)
+    APO-zero apo-zero    1 - σ(beta (pi_c - ref_c)) + σ(beta (pi_r - ref_r))       D'Oosterlinck et al. 2024, 2408.06266 (APO-zero)
+    SimPO    simpo       -log σ(beta (pi_c/len_c - pi_r/len_r) - gamma - m)       Meng et al. 2024, 2405.14734 (the SimPO objective)
 
 Every definition is TRL 1.16's for the same loss type on the same per-sequence tensors (DPOTrainer
 `_compute_loss`, CPOTrainer `cpo_loss` with loss_type="simpo", cpo_alpha=0); tests/test_dpo_losses.py
@@ -30,7 +30,7 @@ calls TRL's own code and compares values and gradients. Two TRL conventions wort
   * simpo is reference-free and uses the *average* log-prob, reward beta * pi / len; TRL's CPOTrainer
     applies label smoothing to it the conservative-DPO way (weights 1-ε and ε, no 1/(1-2ε)), and so do we.
 
-The ODPO offset (Amini et al. 2024, "Direct Preference Optimization with an Offset", §3: the loss
+The ODPO offset (Amini et al. 2024, "Direct Preference Optimization with an Offset", 2402.10571: the loss
 -log σ(r(x, y_c) - r(x, y_r) - Δ_r)) asks the chosen answer to win by at least m on the reward scale,
 the same units as the implicit rewards and as the Bradley-Terry margin of `train-rm` (losses/rm.py).
 Each pairwise loss sees z = beta * h - m where it would see beta * h: sigmoid and robust shift the
@@ -103,7 +103,7 @@ def preference_loss(
 
     if kind == "simpo":
         assert len_c is not None and len_r is not None  # checked above; for mypy
-        # SimPO (Meng et al. 2024, eq. 6): reward = beta * average log-prob, target margin gamma.
+        # SimPO (Meng et al. 2024): reward = beta * average log-prob, target margin gamma.
         avg_c, avg_r = _per_token(pi_c, len_c), _per_token(pi_r, len_r)  # (P,)
         z = beta * (avg_c - avg_r) - gamma - m
         eps = label_smoothing
@@ -146,7 +146,7 @@ def rpo_nll(pi_c: torch.Tensor, len_c: torch.Tensor) -> torch.Tensor:
 
         L_NLL = -Σ_i pi_c[i] / Σ_i len_c[i]
 
-    The NLL term of RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", §2: the DPO
+    The NLL term of RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", 2404.19733: the DPO
     loss plus a weighted NLL of the chosen answer, which keeps its likelihood from falling while the
     margin grows). The paper normalises each sequence by its length; TRL (rpo_alpha, in 1.16 spelled
     loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]) takes the mean over all chosen answer tokens
