@@ -57,7 +57,7 @@ def summary(out: Path) -> None:
     sampled = {r["model"]: r for r in json.loads((out / "eval_t15.json").read_text())["results"]}
     print(f"{'held-out exact match, ' + str(next(iter(greedy.values()))['n']) + ' unseen sums':42} {'greedy':>8} {'one sample T=1.5':>17}")
     stages = (("builtin:tiny (random init)", "builtin:tiny"), ("after rlhf sft", str(out / "sft")), ("after rlhf ppo", str(out / "ppo")),
-              ("after rlhf dpo (same prefs, no RM)", str(out / "dpo")))
+              ("after rlhf dpo (same prefs, no RM)", str(out / "dpo")), ("after rlhf grpo (the rule as reward)", str(out / "grpo")))
     for label, model in stages:
         g = f"{greedy[model]['exact_match']:.1%}" if model in greedy else "-"
         s = f"{sampled[model]['sample_accuracy']:.1%}" if model in sampled else "-"

@@ -47,6 +47,14 @@ class Rollout(NamedTuple):
     completions: list[Completion]
 
 
+class _Rows(NamedTuple):
+    ids: torch.Tensor
+    mask: torch.Tensor
+    prompt_width: int
+    response: torch.Tensor
+    response_mask: torch.Tensor
+
+
 class PolicyAndValue(nn.Module):
     """The two trained networks in one module, so DDP, the optimizer and the resume state see both.
 
@@ -78,12 +86,19 @@ class PolicyAndValue(nn.Module):
         return token_values(self.value, ids, mask, prompt_width, length)
 
 
-def reference_logprobs(ref: nn.Module | None, pv: PolicyAndValue, ids, mask, prompt_width, response, response_mask) -> torch.Tensor:
-    """log pi_ref(y_t): a separate frozen model, or (LoRA, ref None) the policy with its adapter off."""
-    if ref is not None:
-        return response_logprobs(ref, ids, mask, prompt_width, response, response_mask, pv.temperature)
-    with pv.policy.disable_adapter():  # peft: the base weights are the SFT policy, no second copy
-        return response_logprobs(pv.policy, ids, mask, prompt_width, response, response_mask, pv.temperature)
+@torch.no_grad()
+def reference_logprobs(ref: nn.Module | None, policy: Any, temperature: float, b: Any, chunk: int = 8) -> torch.Tensor:
+    """log pi_ref of the sampled response tokens (N, G), `chunk` rows per forward: a separate frozen
+    model, or (LoRA, ref None) the policy with its adapter off (peft: the base weights, no second copy).
+    b: anything with ids, mask, prompt_width, response, response_mask (a Rollout, a GroupBatch)."""
+    off = policy.disable_adapter() if ref is None else contextlib.nullcontext()
+    parts = []
+    with off:
+        for s in range(0, b.ids.shape[0], chunk):
+            sl = slice(s, s + chunk)
+            parts.append(response_logprobs(ref if ref is not None else policy, b.ids[sl], b.mask[sl], b.prompt_width,
+                                           b.response[sl], b.response_mask[sl], temperature).float())
+    return torch.cat(parts)
 
 
 @torch.no_grad()
@@ -99,14 +114,9 @@ def collect(pv: PolicyAndValue, ref: nn.Module | None, tok: Any, prompts: list[l
     p, g = prompt_ids.shape[1], response.shape[1]
     logp = torch.tensor([(c.logprobs or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)  # (N, G)
     ent = torch.tensor([(c.entropies or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)
-    parts: list[tuple[torch.Tensor, ...]] = []
+    values = torch.cat([pv.values(ids[s : s + chunk], mask[s : s + chunk], p, g) for s in range(0, len(comps), chunk)]) * rmask
     with placed(ref, device, offload):
-        for s in range(0, len(comps), chunk):
-            sl = slice(s, s + chunk)
-            values = pv.values(ids[sl], mask[sl], p, g)
-            ref_logp = reference_logprobs(ref, pv, ids[sl], mask[sl], p, response[sl], rmask[sl])
-            parts.append((ref_logp, values * rmask[sl]))
-    ref_logp, values = (torch.cat(t) for t in zip(*parts, strict=True))
+        ref_logp = reference_logprobs(ref, pv.policy, pv.temperature, _Rows(ids, mask, p, response, rmask), chunk)
     has_eos = torch.tensor([c.finish_reason == "stop" for c in comps], device=device)
     return Rollout(ids, mask, p, response, rmask, logp, ref_logp, values, ent, has_eos, comps)
 

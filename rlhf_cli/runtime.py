@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -104,3 +105,30 @@ def release_cache(device: str) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+def on_all_rows(fn: Any, *xs: Any) -> Any:
+    """fn over the rows of every process, this process's rows of the result back.
+
+    xs: tensors with one row per sample, (n, ...) on every process (per-token (n, T) tensors are padded
+    to the widest T with zeros); fn sees the (world * n, ...) concatenation in rank order and returns
+    (world * n,) or (world * n, T). Batch statistics (a std over all samples) then do not depend on
+    how the samples are spread over processes. Identity-cheap when not distributed."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn(*xs)
+    width = torch.tensor([max((x.shape[1] for x in xs if x.ndim == 2), default=0)], device=xs[0].device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    gathered = []
+    for x in xs:
+        if x.ndim == 2:
+            x = torch.nn.functional.pad(x, (0, int(width) - x.shape[1]))
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        gathered.append(torch.cat(parts))
+    out = fn(*gathered)
+    n, rank = xs[0].shape[0], dist.get_rank()
+    out = out[rank * n : (rank + 1) * n]
+    return out[:, : xs[1].shape[1]] if out.ndim == 2 else out

@@ -338,3 +338,31 @@ def finish(s: Session, command: str, cfg: Any, model: nn.Module, tok: Any, input
         shutil.rmtree(s.opts.state_dir, ignore_errors=True)
     runtime.barrier()
     runtime.cleanup_distributed()
+
+
+# ---------------------------------------------------------------- RL runs (ppo, grpo)
+
+
+def prompt_batches(n_prompts: int, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
+    """One epoch of RL steps: whole --batch-size batches of a seeded shuffle of the prompt indices."""
+    import random
+
+    order = list(range(n_prompts))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n_prompts - batch_size + 1, batch_size)]
+
+
+def diverged(command: str, cfg: Any, step: int, what: str, hint: str) -> Exception:
+    """Stop on NaN/inf before the update (exit 3): the last resume state (if any) stays as it is, OUT is not written."""
+    from rlhf_cli.errors import TrainingStopped
+
+    latest = cfg.state_dir / "latest"
+    kept = f"the last good state is {cfg.state_dir}/{latest.read_text().strip()}" if latest.is_file() else "no state was saved yet"
+    return TrainingStopped(f"{command} step {step + 1}: {what}; stopped ({kept}, {cfg.out} not written)", hint)
+
+
+def check_finite(command: str, row: dict[str, Any], cfg: Any, step: int, hint: str) -> None:
+    """diverged() when a logged number is NaN or inf."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise diverged(command, cfg, step, f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite", hint)

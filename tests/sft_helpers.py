@@ -76,3 +76,28 @@ def leftovers(root: Path) -> list[str]:
     hidden = [p for p in root.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
     pickles = [p for ext in ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle") for p in root.rglob(ext)]
     return sorted(str(p.relative_to(root)) for p in hidden + pickles)
+
+
+def kill_9_after_save(args: list[str], state_dir: Path, step: int, log: Path) -> None:
+    """Run `python -m rlhf_cli ARGS` in a child and SIGKILL it as soon as `state_dir` holds a resume state of
+    at least `step` (asserting it was still running then): the crash a --resume must survive."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RLHF_DEBUG", None)
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        latest = state_dir / "latest"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if latest.is_file() and latest.read_text() >= f"step-{step:08d}":
+                break
+            time.sleep(0.01)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert alive, f"the run ended before it could be killed:\n{log.read_text()}"

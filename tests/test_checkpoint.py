@@ -7,18 +7,24 @@ lives in OUT-state/ beside it and is gone after success; a failure never leaves 
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
 import pytest
 import torch
 from conftest import run_cli, write_jsonl
-from sft_helpers import assert_same_weights, demo_rows, leftovers, load_weights, manifest, metrics_rows, sft_config
+from sft_helpers import (
+    assert_same_weights,
+    demo_rows,
+    kill_9_after_save,
+    leftovers,
+    load_weights,
+    manifest,
+    metrics_rows,
+    sft_config,
+)
 
 from rlhf_cli.commands.sft import run
 from rlhf_cli.config import flat
@@ -228,22 +234,8 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     args = ["sft", str(data), "--model", "builtin:tiny", "--max-len", "64", "--batch-size", "12", "--max-steps", "12",
             "--save-every", "2", "--lr", "3e-3", "--seed", "3", "--device", "cpu"]
     out = tmp_path / "sft"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RLHF_DEBUG", None)
-    log = (tmp_path / "killed.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=log)
+    kill_9_after_save([*args, "--out", str(out)], tmp_path / "sft-state", 4, tmp_path / "killed.log")
     latest = tmp_path / "sft-state" / "latest"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text() >= "step-00000004":
-            break
-        time.sleep(0.01)
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    log.close()
-    assert alive, f"the run ended before it could be killed:\n{(tmp_path / 'killed.log').read_text()}"
     assert not out.exists()
     saved_step = int(latest.read_text().removeprefix("step-"))
     before = metrics_rows(tmp_path / "sft-state")[:saved_step]  # rows of the killed run, timings included

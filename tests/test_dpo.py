@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import write_jsonl
-from sft_helpers import assert_same_weights, free_port, load_weights, manifest, metrics_rows
+from sft_helpers import assert_same_weights, free_port, kill_9_after_save, load_weights, manifest, metrics_rows
 
 from rlhf_cli.cli import main
 from rlhf_cli.commands.dpo import DpoConfig, run
@@ -282,28 +282,12 @@ def test_training_layouts_give_the_sampler_layout_logprobs(tmp_path, packing):
 def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     """kill -9 once step >= 4 is saved (with precomputed reference log-probs in the state), `--resume`,
     and the result equals a run never interrupted."""
-    import signal
-    import time
 
     data = write_jsonl(tmp_path, "prefs.jsonl", pairs(96))
     out = tmp_path / "dpo"
     args = ["dpo", str(data), "--model", "builtin:tiny", "--max-len", "64", "--batch-size", "8", "--max-steps", "12",
             "--save-every", "2", "--lr", "3e-3", "--seed", "3", "--precompute-ref", "--device", "cpu", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RLHF_DEBUG", None)
-    log = (tmp_path / "killed.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=log)
-    latest = tmp_path / "dpo-state" / "latest"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text() >= "step-00000004":
-            break
-        time.sleep(0.01)
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    log.close()
-    assert alive, f"the run ended before it could be killed:\n{(tmp_path / 'killed.log').read_text()}"
+    kill_9_after_save(args, tmp_path / "dpo-state", 4, tmp_path / "killed.log")
     assert not out.exists() and (tmp_path / "dpo-state" / "ref_logprobs.safetensors").is_file()
 
     same = dict(model="builtin:tiny", batch_size=8, max_steps=12, lr=3e-3, seed=3, schedule="cosine", precompute_ref=True)

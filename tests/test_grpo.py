@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from conftest import write_jsonl
-from sft_helpers import assert_same_weights, free_port, leftovers, load_weights, manifest, metrics_rows
+from sft_helpers import assert_same_weights, free_port, kill_9_after_save, leftovers, load_weights, manifest, metrics_rows
 
 from rlhf_cli.cli import main
 from rlhf_cli.commands.grpo import GrpoConfig, run
@@ -185,6 +185,20 @@ def test_same_seed_same_run(tmp_path, prompts, rules):
     assert strip(metrics_rows(tmp_path / "c")) != strip(metrics_rows(tmp_path / "a"))
 
 
+def test_grad_accum_splits_the_step_without_changing_it(tmp_path, prompts, rules):
+    """The loss normalisers are the step's totals, so 1 or 4 microbatches per optimizer step give the same
+    run, and the logged loss is the whole step's (beta > 0: the KL term makes it nonzero after step 1)."""
+    one, four = (cfg_for(prompts, rules, tmp_path / name, beta=0.1, grad_accum=ga) for name, ga in (("one", 1), ("four", 4)))
+    run(one)
+    run(four)
+    a, b = strip(metrics_rows(one.out)), strip(metrics_rows(four.out))
+    for x, y in zip(a, b, strict=True):
+        assert {k: v for k, v in x.items() if not k.startswith("clip_ratio")} == pytest.approx(
+            {k: v for k, v in y.items() if not k.startswith("clip_ratio")}, rel=1e-4, abs=1e-6)
+    assert a[-1]["loss"] > 1e-6 and a[-1]["kl"] > 1e-6
+    assert_same_weights(load_weights(one.out), load_weights(four.out), atol=1e-5)
+
+
 def test_weighted_judges_and_the_overlong_penalty_add_up(tmp_path, prompts, rules):
     cfg = cfg_for(prompts, rules, tmp_path / "g", max_steps=1, judge=(f"rule:{rules}:lower", f"rule:{rules}:const"),
                   judge_weights="2,0.5", overlong_buffer=4)
@@ -224,8 +238,19 @@ def test_every_variant_trains(tmp_path, prompts, rules, kw):
 
 
 def test_lora_trains_adapters_only_and_its_reference_is_the_base(tmp_path, prompts, rules, monkeypatch):
+    from rlhf_cli import training
+
     loads = spy_loads(monkeypatch)
+    trainable = []
+    real_start = training.start
+
+    def spy(env, opts, model, *a, **k):
+        trainable.extend(n for n, p in model.named_parameters() if p.requires_grad)
+        return real_start(env, opts, model, *a, **k)
+
+    monkeypatch.setattr(training, "start", spy)
     run(cfg_for(prompts, rules, tmp_path / "g", lora_r=4, beta=0.1, max_steps=2))
+    assert trainable and all("lora_" in n for n in trainable)
     assert loads == ["builtin:micro"]  # the adapter-free policy is the reference: no second copy
     rows = metrics_rows(tmp_path / "g")
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl"] > 0
@@ -274,28 +299,12 @@ def test_nan_reward_stops_with_exit_3_keeping_the_last_state_and_resume_matches(
 
 @pytest.mark.slow
 def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, prompts, rules):
-    import signal
-    import time
 
     out = tmp_path / "g"
     args = ["grpo", str(prompts), "-m", "builtin:micro", "--judge", f"rule:{rules}:lower", "-b", "4", "-K", "4",
             "--max-new-tokens", "8", "--max-steps", "10", "--lr", "1e-2", "--save-every", "2", "--device", "cpu",
             "--format", "raw", "--seed", "3", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RLHF_DEBUG", None)
-    log = (tmp_path / "killed.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=log)
-    latest = tmp_path / "g-state" / "latest"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text() >= "step-00000004":
-            break
-        time.sleep(0.01)
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    log.close()
-    assert alive, f"the run ended before it could be killed:\n{(tmp_path / 'killed.log').read_text()}"
+    kill_9_after_save(args, tmp_path / "g-state", 4, tmp_path / "killed.log")
     assert not out.exists()
 
     run(cfg_for(prompts, rules, out, max_steps=10, save_every=2, seed=3, resume=True))

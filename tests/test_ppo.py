@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -324,7 +325,7 @@ def test_lora_reference_is_the_adapter_free_policy_and_the_result_is_merged(tmp_
 
     with torch.no_grad():
         want = response_logprobs(plain, ids, mask, 3, resp, rmask)
-        got = reference_logprobs(None, m.pv, ids, mask, 3, resp, rmask)
+        got = reference_logprobs(None, m.pv.policy, 1.0, SimpleNamespace(ids=ids, mask=mask, prompt_width=3, response=resp, response_mask=rmask))
         policy = response_logprobs(m.pv.policy, ids, mask, 3, resp, rmask)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert (policy - want).abs().max() > 1e-3

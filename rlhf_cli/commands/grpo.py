@@ -24,7 +24,7 @@ import typer
 
 from rlhf_cli.config import TrainOptions, from_cli
 from rlhf_cli.console import info
-from rlhf_cli.errors import RlhfError, TrainingStopped
+from rlhf_cli.errors import RlhfError
 from rlhf_cli.options import (
     ConfigOpt,
     DecayFracOpt,
@@ -286,7 +286,7 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
     model = training.prepare_model(model, t, device)
     ref = load_reference(cfg, spec, tok, device, ref_dtype)
     prompt_ids = [render_prompt(tok, r.prompt, r.messages, cfg.format)[-cfg.max_prompt_len :] for r in rows]
-    plan = training.plan_epochs(lambda e: prompt_batches(len(rows), t.seed, e, cfg.batch_size), t, 1)
+    plan = training.plan_epochs(lambda e: training.prompt_batches(len(rows), t.seed, e, cfg.batch_size), t, 1)
 
     # 2. optimizer, resume state, DDP, metrics
     fwd = PolicyLogprobs(model, cfg.temperature)
@@ -338,7 +338,7 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
             gen_tokens = runtime.all_reduce_sum(float(b.response_mask.sum().item()), device)
             last = {"step": step + 1, **stats, "lr": lr, "tokens_per_s": gen_tokens / (t3 - t0),
                     "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2, "step_seconds": t3 - t0}
-            check_finite(last, cfg, step)
+            training.check_finite("grpo", last, cfg, step, HINT)
             training.log(s, last)
             bar.update(task, advance=1, stats=f"reward {last['reward']:+.3f}  pass@1 {last['pass@1']:.3f}  "
                                               f"zero-std {last['frac_reward_zero_std']:.2f}  len {last['completion_length']:.1f}")
@@ -405,64 +405,25 @@ def advantages(cfg: GrpoConfig, rewards: torch.Tensor, b: GroupBatch, ref: Any, 
     Batch statistics (--scale-rewards batch, reinforce++) are taken over every process's samples."""
     import torch
 
+    from rlhf_cli import runtime
     from rlhf_cli.losses import grpo as L
     from rlhf_cli.losses.ppo import kl_estimate
+    from rlhf_cli.rollout import reference_logprobs
 
     k = cfg.group_size
-    ref_logp = reference_logprobs(ref, fwd, b) if cfg.beta else None
+    ref_logp = reference_logprobs(ref, fwd.model, fwd.temperature, b) if cfg.beta else None
     if cfg.advantage == "reinforce++" and ref_logp is not None:  # OpenRLHF: the KL enters the reward, per token
         kl = kl_estimate(b.logp, ref_logp, "k1").clamp(-10, 10) * b.response_mask  # OpenRLHF's clamp
-        adv = _on_all(lambda r, m, x: L.reinforce_pp_advantages(r, m, x, cfg.beta), rewards, b.response_mask, kl)
+        adv = runtime.on_all_rows(lambda r, m, x: L.reinforce_pp_advantages(r, m, x, cfg.beta), rewards, b.response_mask, kl)
     else:
         scale = "batch" if cfg.advantage == "reinforce++" and cfg.scale_rewards == "group" else cfg.scale_rewards  # no groups there
-        adv = _on_all(lambda r: L.group_advantages(r, k, cfg.advantage, scale), rewards)
+        adv = runtime.on_all_rows(lambda r: L.group_advantages(r, k, cfg.advantage, scale), rewards)
     mask = b.response_mask.clone()
     if cfg.mask_truncated:
         mask &= ~b.truncated[:, None]
     if cfg.skip_zero_std:
         mask &= ~L.zero_std_groups(rewards, k).repeat_interleave(k)[:, None]
     return adv.to(torch.float32), mask, ref_logp
-
-
-def reference_logprobs(ref: Any, fwd: Any, b: GroupBatch, chunk: int = 8) -> torch.Tensor:
-    """log pi_ref of the sampled tokens (N, G): the frozen reference, or the LoRA policy with its adapter off."""
-    import contextlib
-
-    import torch
-
-    from rlhf_cli.generation import response_logprobs
-
-    policy = fwd.model
-    off = policy.disable_adapter() if ref is None else contextlib.nullcontext()
-    parts = []
-    with torch.no_grad(), off:
-        for s in range(0, len(b.completions), chunk):
-            sl = slice(s, s + chunk)
-            parts.append(response_logprobs(ref if ref is not None else policy, b.ids[sl], b.mask[sl], b.prompt_width,
-                                           b.response[sl], b.response_mask[sl], fwd.temperature).float())
-    return torch.cat(parts)
-
-
-def _on_all(fn: Any, *xs: torch.Tensor) -> torch.Tensor:
-    """fn over the rows of every process (gathered; per-token tensors padded to the widest), this process's rows back."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return fn(*xs)
-    width = torch.tensor([max((x.shape[1] for x in xs if x.ndim == 2), default=0)], device=xs[0].device)
-    dist.all_reduce(width, op=dist.ReduceOp.MAX)
-    gathered = []
-    for x in xs:
-        if x.ndim == 2:
-            x = torch.nn.functional.pad(x, (0, int(width) - x.shape[1]))
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        gathered.append(torch.cat(parts))
-    out = fn(*gathered)
-    n, rank = xs[0].shape[0], dist.get_rank()
-    out = out[rank * n : (rank + 1) * n]
-    return out[:, : xs[1].shape[1]] if out.ndim == 2 else out
 
 
 def update(s: Session, cfg: GrpoConfig, b: GroupBatch, adv: torch.Tensor, mask: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -499,8 +460,10 @@ def update(s: Session, cfg: GrpoConfig, b: GroupBatch, adv: torch.Tensor, mask: 
                     if not math.isfinite(loss.item()):
                         raise diverged(cfg, step, f"the loss is {loss.item()}")
                     (loss * world).backward()
-                row = {"loss": loss.item(), "clip_ratio_low": st.clip_low, "clip_ratio_high": st.clip_high,
-                       "clip_ratio_region": st.clip_region, "ratio": st.ratio_mean, **({"kl": st.kl} if st.kl is not None else {})}
+                # the minibatch loss is the sum of its microbatches' (x world: the mean over processes is the total)
+                sums["loss"] = sums.get("loss", 0.0) + loss.item() * world
+                row = {"clip_ratio_low": st.clip_low, "clip_ratio_high": st.clip_high, "clip_ratio_region": st.clip_region,
+                       "ratio": st.ratio_mean, **({"kl": st.kl} if st.kl is not None else {})}
                 for k, v in row.items():
                     sums[k] = sums.get(k, 0.0) + v / len(parts)
             grad_norm = training.optimizer_step(s)
@@ -508,30 +471,17 @@ def update(s: Session, cfg: GrpoConfig, b: GroupBatch, adv: torch.Tensor, mask: 
                 raise diverged(cfg, step, "a gradient is not finite")
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
             steps += 1
-    out = {k: v / max(1, steps) for k, v in sums.items()}
-    if "loss" in out:
-        out["loss"] *= steps / max(1, cfg.iterations)  # the summed microbatch losses, averaged per pass
+    out = {k: v / max(1, steps) for k, v in sums.items()}  # means over the optimizer steps
     return {**out, "optimizer_steps": float(steps), "skipped_minibatches": float(skipped)}
 
 
-def check_finite(row: dict[str, Any], cfg: GrpoConfig, step: int) -> None:
-    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:
-        raise diverged(cfg, step, f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite")
+HINT = "resume with --resume and a lower --lr, or check the judges"
 
 
-def diverged(cfg: GrpoConfig, step: int, what: str) -> TrainingStopped:
-    """Stop on NaN/inf before the update: the last resume state (if any) stays as it is (exit 3)."""
-    latest = cfg.state_dir / "latest"
-    kept = f"the last good state is {cfg.state_dir}/{latest.read_text().strip()}" if latest.is_file() else "no state was saved yet"
-    return TrainingStopped(f"grpo step {step + 1}: {what}; stopped ({kept}, {cfg.out} not written)",
-                           "resume with --resume and a lower --lr, or check the judges")
+def diverged(cfg: GrpoConfig, step: int, what: str) -> Exception:
+    from rlhf_cli.training import diverged as stop
 
-
-def prompt_batches(n_prompts: int, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
-    from rlhf_cli.commands.ppo import prompt_batches as ppo_batches
-
-    return ppo_batches(n_prompts, seed, epoch, batch_size)
+    return stop("grpo", cfg, step, what, HINT)
 
 
 def _resume_key(cfg: GrpoConfig, world: int) -> dict[str, Any]:

@@ -15,7 +15,6 @@ KL to the reference, estimate advantages with GAE, and take clipped policy/value
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ import typer
 
 from rlhf_cli.config import TrainOptions, from_cli
 from rlhf_cli.console import info
-from rlhf_cli.errors import RlhfError, TrainingStopped
+from rlhf_cli.errors import RlhfError
 from rlhf_cli.options import (
     ConfigOpt,
     DeprecatedOutOpt,
@@ -240,7 +239,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
     models = setup_models(cfg, device, ref_dtype)
     tok, pv, ref = models.tok, models.pv, models.ref
     prompt_ids = [render_prompt(tok, r.prompt, r.messages, cfg.format)[-cfg.max_prompt_len :] for r in rows]
-    plan = training.plan_epochs(lambda e: prompt_batches(len(rows), t.seed, e, cfg.batch_size), t, 1)
+    plan = training.plan_epochs(lambda e: training.prompt_batches(len(rows), t.seed, e, cfg.batch_size), t, 1)
     ptx_batches = SftStream(tok, ptx_rows, cfg.format, cfg.max_prompt_len + cfg.max_new_tokens, cfg.minibatch_size, t.seed, dist, device) if ptx_rows else None
     norm = reward_stats(cfg.reward) if cfg.reward else (0.0, 1.0)  # rules score 0/1 and are used as they are
 
@@ -293,7 +292,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
             gen_tokens = runtime.all_reduce_sum(float(ro.response_mask.sum().item()), device)
             last = {"step": step + 1, **stats, "kl_coef": kl_ctl.beta, "lr": lr, "tokens_per_s": gen_tokens / (t3 - t0),
                     "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2, "step_seconds": t3 - t0}
-            check_finite(last, cfg, step)
+            training.check_finite("ppo", last, cfg, step, HINT)
             training.log(s, last)
             bar.update(task, advance=1, stats=f"reward {last['reward']:+.3f}  kl {last['kl']:.3f}  "
                                               f"len {last['response_length']:.1f}  {last['tokens_per_s']:.0f} tok/s")
@@ -409,25 +408,13 @@ def update(s: Session, models: Models, ro: Rollout, adv: torch.Tensor, returns: 
     return {k: v / count for k, v in sums.items()}
 
 
-def check_finite(row: dict[str, Any], cfg: PpoConfig, step: int) -> None:
-    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:
-        raise diverged(cfg, step, f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite")
+HINT = "resume with --resume and a lower --lr / --kl-coef, or check the reward"
 
 
-def diverged(cfg: PpoConfig, step: int, what: str) -> TrainingStopped:
-    """Stop on NaN/inf: the update is not applied and the last resume state (if any) stays as it is."""
-    latest = cfg.state_dir / "latest"
-    kept = f"the last good state is {cfg.state_dir}/{latest.read_text().strip()}" if latest.is_file() else "no state was saved yet"
-    return TrainingStopped(f"ppo step {step + 1}: {what}; stopped ({kept}, {cfg.out} not written)",
-                           "resume with --resume and a lower --lr / --kl-coef, or check the reward")
+def diverged(cfg: PpoConfig, step: int, what: str) -> Exception:
+    from rlhf_cli.training import diverged as stop
 
-
-def prompt_batches(n_prompts: int, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
-    """One epoch's PPO steps: whole --batch-size batches of a seeded shuffle of the prompt indices."""
-    order = list(range(n_prompts))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n_prompts - batch_size + 1, batch_size)]
+    return stop("ppo", cfg, step, what, HINT)
 
 
 def _kl_controller(cfg: PpoConfig, start: int) -> KLController:
