@@ -73,8 +73,7 @@ class StepClock(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         model = kwargs.get("model")  # the ground truth, whatever the config said
-        self.checkpointing_active = bool(getattr(model, "is_activation_checkpointing", False)
-                                         or getattr(model, "is_gradient_checkpointing", False))
+        self.checkpointing_active = bool(getattr(model, "is_activation_checkpointing", False))
         self.last_end, self.last_cpu, self.last_opt = time.perf_counter(), time.process_time(), self.opt_steps[0]
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -222,6 +222,12 @@ def test_skip_zero_std_and_mask_truncated_leave_the_weights_alone(tmp_path, prom
         saved = load_weights(tmp_path / name)
         assert all(torch.equal(saved[k], v) for k, v in initial.items() if k in saved)
     assert metrics_rows(tmp_path / "zero")[0]["frac_reward_zero_std"] == 1.0
+    # without --skip-zero-std the same batches have advantages all 0 (beta 0): no forward, a zero-gradient step
+    run(cfg_for(prompts, rules, tmp_path / "nosignal", max_steps=2, fn="const"))
+    rows = metrics_rows(tmp_path / "nosignal")
+    assert all(r["optimizer_steps"] == 1 and r["zero_signal_share"] == 1 and r["loss"] == 0 and r["grad_norm"] == 0 for r in rows)
+    saved = load_weights(tmp_path / "nosignal")
+    assert all(torch.equal(saved[k], v) for k, v in initial.items() if k in saved)
     assert metrics_rows(tmp_path / "trunc")[0]["clipped_ratio"] == 1.0
 
 

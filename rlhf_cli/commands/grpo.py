@@ -449,6 +449,17 @@ def update(s: Session, cfg: GrpoConfig, b: GroupBatch, adv: torch.Tensor, mask: 
             if tokens == 0:  # every sample masked out (--skip-zero-std, --mask-truncated): nothing to learn
                 skipped += 1
                 continue
+            if not beta and not runtime.all_reduce_sum(float((adv[minib] != 0).sum().item()), s.env.device):
+                # every advantage is 0 (0/1 rewards, all groups alike) and there is no KL term: the gradient
+                # is exactly 0, so the forward and backward are skipped; the optimizer still steps on zeros,
+                # so AdamW's moments decay exactly as they would have
+                for p in s.params:
+                    p.grad = torch.zeros_like(p)
+                sums["zero_signal_share"] = sums.get("zero_signal_share", 0.0) + 1
+                sums["loss"] = sums.get("loss", 0.0)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + training.optimizer_step(s)
+                steps += 1
+                continue
             parts = minib.split(chunk)
             for j, c in enumerate(parts):
                 with s.no_sync(j == len(parts) - 1):
