@@ -208,6 +208,22 @@ def test_weighted_judges_and_the_overlong_penalty_add_up(tmp_path, prompts, rule
     assert last["reward"] == pytest.approx(2 * lower + 0.5 * const - 1.0, abs=1e-6)
 
 
+def test_a_reward_model_judge_mixes_with_a_rule(tmp_path, prompts, rules):
+    """The issue's `--judge rule:FILE.py:FN --judge rm:PATH --judge-weights 1,0.2`: a train-rm checkpoint
+    scores every response, each judge's mean is logged, and the reward is their weighted sum."""
+    from rlhf_cli.commands.train_rm import RmConfig
+    from rlhf_cli.commands.train_rm import run as train_rm
+
+    data = write_jsonl(tmp_path, "prefs.jsonl", [{"prompt": f"What is {i}+1?", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(16)])
+    train_rm(build(RmConfig, data=str(data), out=str(tmp_path / "rm"), model="builtin:micro", max_steps=2, batch_size=8, lr=1e-2,
+                   save_every=0, device="cpu", max_len=64))
+    rule, rm = f"rule:{rules}:lower", f"rm:{tmp_path / 'rm'}"
+    last = run(cfg_for(prompts, rules, tmp_path / "g", max_steps=2, judge=(rule, rm), judge_weights="1,0.2"))
+    assert last["reward"] == pytest.approx(last[f"reward/{rule}"] + 0.2 * last[f"reward/{rm}"], abs=1e-5)
+    assert last[f"reward/{rm}"] != 0 and last["frac_reward_zero_std"] == 0
+    assert manifest(tmp_path / "g")["config"]["judge"] == [rule, rm]
+
+
 def test_skip_zero_std_and_mask_truncated_leave_the_weights_alone(tmp_path, prompts, rules):
     """const gives every group zero std (and grpo advantages of 0); --skip-zero-std drops them, so
     there is no update at all; --mask-truncated drops every response that hits --max-new-tokens."""
