@@ -1,9 +1,13 @@
-"""PPO's networks and experience: the models, the rollout batch, its scores and the policy + value forward.
+"""RL experience for `ppo` and `grpo`: the models, the rollout batch, its scores and the training forwards.
 
     tok, pv, ref, *_ = setup_models(ppo_config, device, ref_dtype)   # policy (+LoRA), value (from the RM), reference
-    batch = collect(pv, ref, tok, prompt_ids, sampling, seed, device, chunk=8, pad=pad)   # no grad
+    batch = collect(pv, ref, tok, prompt_ids, sampling, seed, device, chunk=8, pad=pad)   # ppo: one response each, no grad
     raw = score_responses(judge, rows, batch.completions, device, offload, reference)   # (N,) RM or rule
     logp, entropy, values = pv(batch.ids, batch.mask, batch.prompt_width, batch.response, batch.response_mask)
+
+    groups = sample_groups(policy, tok, [(prompt_ids, seed)], sampling, device, pad)   # grpo: K responses per prompt
+    logp = PolicyLogprobs(policy, temperature)(groups.ids, groups.mask, groups.prompt_width, ...)
+    ref_logp = reference_logprobs(ref, policy, temperature, groups)   # either batch; ref None = LoRA adapter off
 
 Layout of every tensor (N rollouts, P prompt columns, G response columns): prompts left-padded and
 responses right-padded, so `ids[:, :P]` is the prompt and `ids[:, P:]` the response, and the state
