@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/dpo_train.py                          # 8 steps per side, 2 dropped (~10 min on 2 cores)
     .venv/bin/python benchmarks/dpo_train.py --steps 3 --warmup 1     # smoke test
     .venv/bin/python benchmarks/dpo_train.py --precompute --out benchmarks/results/dpo_train_precompute.json
-    .venv/bin/python benchmarks/dpo_train.py --no-packing --out benchmarks/results/dpo_train_padded.json
+    .venv/bin/python benchmarks/dpo_train.py --layout packed --out benchmarks/results/dpo_train_packed.json
+    .venv/bin/python benchmarks/dpo_train.py --layout padded --out benchmarks/results/dpo_train_padded.json
 
 Same work on both sides (/work/shared/BENCHMARKS.md):
   * one model dir (benchmarks/prepare_model.py, fp32) as policy and as frozen reference on both sides
@@ -27,9 +28,10 @@ Same work on both sides (/work/shared/BENCHMARKS.md):
     and TRL's `precompute_ref_log_probs=True` (precompute batch = --batch-size on both);
   * layout: TRL 1.16 accepts `padding_free=True` but warns that it is "temporarily unavailable after
     a refactor" and falls back to padding, so TRL runs right-padded prompt+answer rows (width: the
-    longest sequence). Ours runs its default, padding-free rows no wider than the longest sequence
-    (pref_data.pack); `--no-packing` gives ours TRL's padded layout (the like-for-like layout, kept in
-    results/dpo_train_padded.json). Throughput counts non-padding tokens only (the same count on both
+    longest sequence). Ours runs its default, each prompt computed once with its answers after it
+    (`--layout shared`, pref_data.share_prompts); `--layout packed` packs whole sequences padding-free
+    (pref_data.pack) and `--layout padded` gives ours TRL's padded layout (like for like). Throughput
+    counts the sequences' non-padding tokens (a shared prompt's tokens once for each sequence that uses it: the same count on both
     sides, whatever the layout).
   * each side in its own process (ours in .venv, TRL in .bench-venv), one after the other; the first
     --warmup steps are dropped; min/median/max over the rest; the load average before each side.
@@ -141,7 +143,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--sides", default="ours,trl", help="comma list run in order; a repeated side is stored as SIDE-2")
-    ap.add_argument("--no-packing", dest="packing", action="store_false", help="ours in TRL's padded layout")
+    ap.add_argument("--layout", choices=("shared", "packed", "padded"), default="shared",
+                    help="ours: each prompt once (the default), padding-free packed sequences, or TRL's padded rows")
     ap.add_argument("--precompute", action="store_true",
                     help="reference log-probs before training (ours precompute_ref, TRL precompute_ref_log_probs)")
     ap.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -177,7 +180,8 @@ def main() -> None:
                       max_len=args.max_len, batch_size=args.batch_size, max_steps=args.steps, loss=KNOBS["loss"],
                       beta=KNOBS["beta"], lr=KNOBS["lr"], schedule=KNOBS["schedule"], warmup=KNOBS["warmup"],
                       weight_decay=KNOBS["weight_decay"], max_grad_norm=KNOBS["max_grad_norm"],
-                      precompute_ref=args.precompute, packing=args.packing, gradient_checkpointing=False,
+                      precompute_ref=args.precompute, packing=args.layout == "packed", share_prompt=args.layout == "shared",
+                      gradient_checkpointing=False,
                       save_every=0, seed=KNOBS["seed"], device="cpu", dtype="fp32")
         (tmp / "cfg.json").write_text(json.dumps(cfg_kw))
         plan = build_plan(cfg_kw, args.steps)
@@ -241,7 +245,7 @@ def report(results: dict) -> None:
     print(f"versions: {r0['versions']}" if len(results["runs"]) == 1 else
           "versions: " + "; ".join(f"{k}: {v['versions']}" for k, v in results["runs"].items()))
     print(f"SmolLM2-135M DPO (sigmoid, beta 0.1), fp32, {st['batch_size']} pairs/step, max_len {st['max_len']}, "
-          f"reference {'precomputed' if st['precompute'] else 'on the fly'}, ours {'packed' if st.get('packing', True) else 'padded'}, "
+          f"reference {'precomputed' if st['precompute'] else 'on the fly'}, ours {st.get('layout', 'packed')}, "
           f"HH-RLHF helpful-base; "
           f"median of steps {st['warmup'] + 1}..{st['steps']}")
     print(f"{'side':7s} {'tok/s median':>12s} {'min':>7s} {'max':>7s} {'step s med':>10s} {'pairs/s':>8s} {'peak RSS MiB':>12s}  load before->after")

@@ -79,9 +79,32 @@ class SequenceLogprobs(nn.Module):
         super().__init__()
         self.model: Any = model
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, answer_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None, seq_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None, answer_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None, seq_index: torch.Tensor | None = None,
+                gather: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if gather is not None:
+            return shared_prompt_logprobs(self.model, ids, mask, position_ids, **gather)
+        assert answer_mask is not None
         return sequence_logprobs(self.model, ids, mask, answer_mask, position_ids, seq_index)
+
+
+def shared_prompt_logprobs(model: Any, ids: torch.Tensor, mask: Any, position_ids: Any, pred_row: torch.Tensor,
+                           pred_pos: torch.Tensor, target: torch.Tensor, target_seq: torch.Tensor) -> torch.Tensor:
+    """(S,) summed answer log-probs in the shared-prompt layout (pref_data.share_prompts): ids, position_ids
+    (R, W), mask (R, 1, W, W) bool; the state at (pred_row, pred_pos) predicts `target`, of sequence
+    `target_seq` (all (T,)). S = the number of sequences (target_seq.max() + 1)."""
+    from rlhf_cli.kernels import fused_linear_logprobs, token_logprobs
+    from rlhf_cli.models.introspect import plain_linear_head
+
+    kw = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "use_cache": False}
+    if plain_linear_head(model):
+        hidden = model.get_decoder()(**kw).last_hidden_state  # (R, W, H)
+        head = model.get_output_embeddings()
+        logp = fused_linear_logprobs(hidden[pred_row, pred_pos], head.weight, target, head.bias)  # (T,)
+    else:
+        logp = token_logprobs(model(**kw).logits[pred_row, pred_pos], target)
+    n = int(target_seq.max()) + 1
+    return torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, target_seq, logp)
 
 
 def sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor | None, answer_mask: torch.Tensor,

@@ -107,7 +107,7 @@ def test_ranking_rows_give_all_their_strict_pairs_and_weigh_as_one_prompt(tmp_pa
     path = write_jsonl(tmp_path, "r.jsonl", [{"prompt": "p", "ranking": [["a"], ["bb", "cc"], ["ddd"]]}, *pairs(1)])
     tok = build_tokenizer()
     ex = tokenize_prefs(tok, [parse_pref_row(x) for x in read_jsonl(str(path))], "chat", 64)
-    b = batch_tensors(list(enumerate(ex)), tok.pad_token_id, "cpu", packing=False)
+    b = batch_tensors(list(enumerate(ex)), tok.pad_token_id, "cpu", packing=False, share_prompt=False)
     assert b["better"].tolist() == [0, 0, 0, 1, 2, 4] and b["worse"].tolist() == [1, 2, 3, 3, 3, 5]  # ties (bb, cc) skipped
     assert b["row"].tolist() == [0, 0, 0, 0, 0, 1]
     # the answer tokens are exactly the completion + EOS at the end of each right-padded sequence
@@ -166,18 +166,20 @@ def test_precompute_ref_gives_the_same_run(tmp_path, data):
     assert_same_weights(load_weights(live.out), load_weights(pre.out), atol=1e-6)
 
 
-def test_packing_gives_the_padded_run(tmp_path, data):
-    """Padding-free rows change the layout, not the math: the same metrics and weights as padded rows."""
-    packed = dpo_config(data, tmp_path / "packed", eval_split=0.2, max_steps=4)
-    padded = dpo_config(data, tmp_path / "padded", eval_split=0.2, max_steps=4, packing=False)
-    run(packed)
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_shared_prompt_and_packed_layouts_give_the_padded_run(tmp_path, data, layout):
+    """Shared-prompt rows (the default; a ranking row's 4 answers after one prompt) and padding-free packed
+    rows change the layout, not the math: the same metrics and weights as right-padded rows."""
+    fast = dpo_config(data, tmp_path / layout, eval_split=0.2, max_steps=4, share_prompt=layout == "shared")
+    padded = dpo_config(data, tmp_path / "padded", eval_split=0.2, max_steps=4, packing=False, share_prompt=False)
+    run(fast)
     run(padded)
-    a, b = no_timing(metrics_rows(packed.out)), no_timing(metrics_rows(padded.out))
+    a, b = no_timing(metrics_rows(fast.out)), no_timing(metrics_rows(padded.out))
     assert [x["tokens"] for x in a] == [x["tokens"] for x in b]  # real tokens, not padded cells
     for x, y in zip(a, b, strict=True):
         assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
     assert a[-1]["loss"] != a[0]["loss"]
-    assert_same_weights(load_weights(packed.out), load_weights(padded.out), atol=1e-5)
+    assert_same_weights(load_weights(fast.out), load_weights(padded.out), atol=1e-5)
 
 
 def test_resume_equals_the_uninterrupted_run(tmp_path, data, monkeypatch):
@@ -246,25 +248,28 @@ def test_proof_held_out_preference_accuracy_rises_on_unseen_prompts(tmp_path):
     assert final["eval_accuracy"] >= 0.9 and final["eval_margin"] > 0
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_training_layouts_give_the_sampler_layout_logprobs(tmp_path, packing):
+@pytest.mark.parametrize(("packing", "share"), [(False, False), (True, False), (False, True)])
+def test_training_layouts_give_the_sampler_layout_logprobs(tmp_path, packing, share):
     """Both training layouts (right-padded prompt + answer with an answer mask; padding-free packed rows)
     give the same answer log-probs as the sampler's (left-padded prompt, right-padded answer:
     generation.response_logprobs)."""
-    from rlhf_cli.commands.dpo import batch_tensors
+    from rlhf_cli.commands.dpo import batch_tensors, seq_args
     from rlhf_cli.data.jsonl import read_jsonl
     from rlhf_cli.data.pref_data import parse_pref_row, tokenize_prefs
     from rlhf_cli.generation import left_pad, pad_responses, response_logprobs
     from rlhf_cli.models.builtin import build_model, build_tokenizer
-    from rlhf_cli.training import sequence_logprobs
+    from rlhf_cli.training import SequenceLogprobs
 
     path = write_jsonl(tmp_path, "r.jsonl", [*pairs(3), {"prompt": "A much longer prompt than the others, to pad. " * 3, "chosen": "x", "rejected": "yy"}])
     tok = build_tokenizer()
     torch.manual_seed(0)
     model = build_model("micro", len(tok), tok).eval()
     ex = tokenize_prefs(tok, [parse_pref_row(x) for x in read_jsonl(str(path))], "chat", 256)
-    b = batch_tensors(list(enumerate(ex)), tok.pad_token_id, "cpu", packing)
+    b = batch_tensors(list(enumerate(ex)), tok.pad_token_id, "cpu", packing, share)
     seqs = [s for e in ex for s in e.seqs]
+    if share:  # one row per preference row, each prompt once: fewer cells than the sequences' tokens
+        assert b["ids"].shape[0] == len(ex) and b["mask"].shape == (len(ex), 1, b["ids"].shape[1], b["ids"].shape[1])
+        assert int((b["ids"] != tok.pad_token_id).sum()) < sum(map(len, seqs))
     if packing:  # fewer rows than sequences, none wider than the longest sequence, every token once
         assert b["mask"] is None and b["ids"].shape[0] < len(seqs) and b["ids"].shape[1] == max(map(len, seqs))
         assert sorted(b["ids"][b["seq_index"] >= 0].tolist()) == sorted(t for s in seqs for t in s)
@@ -272,7 +277,7 @@ def test_training_layouts_give_the_sampler_layout_logprobs(tmp_path, packing):
     p_ids, p_mask = left_pad([s[:-n] for s, n in zip(seqs, lens, strict=True)], tok.pad_token_id, "cpu")
     ids, mask, resp, rmask = pad_responses(p_ids, p_mask, [s[-n:] for s, n in zip(seqs, lens, strict=True)], tok.pad_token_id)
     with torch.no_grad():
-        ours = sequence_logprobs(model, b["ids"], b["mask"], b["answer_mask"], b["position_ids"], b["seq_index"])
+        ours = SequenceLogprobs(model)(*seq_args(b))
         sampler = response_logprobs(model, ids, mask, p_ids.shape[1], resp, rmask).sum(-1)
     torch.testing.assert_close(ours, sampler, atol=1e-4, rtol=1e-5)
     assert (ours < 0).all()

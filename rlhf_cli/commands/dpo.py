@@ -79,6 +79,7 @@ class DpoConfig:
     use_margin: bool = False  # ODPO: the rows' `margin` as an offset
     precompute_ref: bool = False
     packing: bool = True  # padding-free rows (pref_data.pack)
+    share_prompt: bool = True  # each row's prompt once, its answers after it (pref_data.share_prompts); beats packing
     eval_data: str | None = None
     eval_split: float = 0.0
     eval_every: int = 0
@@ -118,7 +119,8 @@ def command(
     sft_coef: Annotated[float, typer.Option("--sft-coef", help="Add coef x the chosen answers' NLL (RPO).", rich_help_panel=DPO)] = DpoConfig.sft_coef,
     use_margin: Annotated[bool, typer.Option("--use-margin", help="The rows' 'margin' as an offset (ODPO).", rich_help_panel=DPO)] = DpoConfig.use_margin,
     precompute_ref: Annotated[bool, typer.Option("--precompute-ref", help="Reference log-probs once, before training (one model in memory).", rich_help_panel=DPO)] = DpoConfig.precompute_ref,
-    packing: Annotated[bool, typer.Option("--packing/--no-packing", help="Padding-free rows of several sequences (same numbers, less padding).")] = DpoConfig.packing,
+    share_prompt: Annotated[bool, typer.Option("--share-prompt/--no-share-prompt", help="Compute each prompt once for all its answers (same numbers, less work).")] = DpoConfig.share_prompt,
+    packing: Annotated[bool, typer.Option("--packing/--no-packing", help="With --no-share-prompt: padding-free rows of several sequences.")] = DpoConfig.packing,
     ref_dtype: Annotated[str, typer.Option("--ref-dtype", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16.")] = DpoConfig.ref_dtype,
     grad_accum: GradAccumOpt = TRAIN.grad_accum,
     lr: LrOpt = TRAIN.lr,
@@ -272,22 +274,25 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- the pieces of a step
 
 
-def batch_tensors(mb: list[tuple[int, PrefExample]], pad: int, device: str, packing: bool) -> dict[str, Any]:
+def batch_tensors(mb: list[tuple[int, PrefExample]], pad: int, device: str, packing: bool, share_prompt: bool = False) -> dict[str, Any]:
     """Every answer of every row as one prompt + answer sequence, and the preference pairs
     (pref_data.collate, as train-rm batches them): ids, mask, answer_mask (S, T) right-padded, or
     ids, position_ids, seq_index, answer_mask (R, W) packed (mask None); lens (S,) answer tokens;
     better, worse, row (P,) sequence indices of each strict pair and its row; margin (P,)."""
     from rlhf_cli.data.pref_data import collate
 
-    b = collate([ex for _, ex in mb], pad, packing=packing)
+    b = collate([ex for _, ex in mb], pad, packing=packing, share_prompt=share_prompt)
     names = {"input_ids": "ids", "attention_mask": "mask", "answer_lens": "lens"}
-    return {"mask": None, "position_ids": None, "seq_index": None,
-            **{names.get(k, k): v.to(device) if hasattr(v, "to") else v for k, v in b.items()}}
+    out = {"mask": None, "position_ids": None, "seq_index": None, "answer_mask": None,
+           **{names.get(k, k): v.to(device) if hasattr(v, "to") else v for k, v in b.items()}}
+    keys = ("pred_row", "pred_pos", "target", "target_seq")
+    out["gather"] = {k: out.pop(k) for k in keys} if share_prompt else None
+    return out
 
 
 def seq_args(b: dict[str, Any]) -> tuple[Any, ...]:
     """What `SequenceLogprobs` takes from a batch, in either layout."""
-    return b["ids"], b["mask"], b["answer_mask"], b["position_ids"], b["seq_index"]
+    return b["ids"], b["mask"], b["answer_mask"], b["position_ids"], b["seq_index"], b["gather"]
 
 
 def microbatch_loss(cfg: DpoConfig, fwd: Any, scorer: RefScorer, mb: list[tuple[int, PrefExample]], pad: int, device: str,
@@ -296,7 +301,7 @@ def microbatch_loss(cfg: DpoConfig, fwd: Any, scorer: RefScorer, mb: list[tuple[
     from rlhf_cli.losses.dpo import preference_loss, rpo_nll
     from rlhf_cli.losses.rm import per_row_mean
 
-    b = batch_tensors(mb, pad, device, cfg.packing)
+    b = batch_tensors(mb, pad, device, cfg.packing, cfg.share_prompt)
     logp = fwd(*seq_args(b))  # (S,) summed answer log-probs
     ref = scorer(mb, b)  # (S,) or None (simpo)
     c, r = b["better"], b["worse"]
@@ -328,12 +333,12 @@ class RefScorer:
 
         import torch
 
-        from rlhf_cli.training import sequence_logprobs
+        from rlhf_cli.training import SequenceLogprobs
 
         model = self.ref if self.ref is not None else self.policy
         off = self.policy.disable_adapter() if self.ref is None else contextlib.nullcontext()
         with torch.no_grad(), off:
-            return sequence_logprobs(model, *seq_args(b)).float()
+            return SequenceLogprobs(model)(*seq_args(b)).float()
 
     def __call__(self, mb: list[tuple[int, PrefExample]], b: dict[str, Any]) -> torch.Tensor | None:
         import torch
@@ -356,7 +361,7 @@ class RefScorer:
             if dist.main:
                 for i in range(0, len(examples), batch_size):
                     mb = examples[i : i + batch_size]
-                    b = batch_tensors(mb, self.pad, self.device, self.cfg.packing)
+                    b = batch_tensors(mb, self.pad, self.device, self.cfg.packing, self.cfg.share_prompt)
                     logp, start = self.live(b).cpu(), 0
                     for idx, ex in mb:
                         table[str(idx)] = logp[start : start + len(ex.seqs)].contiguous()
