@@ -182,6 +182,28 @@ def test_shared_prompt_and_packed_layouts_give_the_padded_run(tmp_path, data, la
     assert_same_weights(load_weights(fast.out), load_weights(padded.out), atol=1e-5)
 
 
+def test_shared_prompt_falls_back_to_packing_without_sdpa(tmp_path, data, monkeypatch, capsys):
+    """Eager attention adds the mask to the scores, so a boolean 4-D mask would be wrong there: the run
+    packs sequences instead, says so, and gives the packed run."""
+    from rlhf_cli.models import loading
+
+    real = loading.load_model
+
+    def eager(*a, **k):
+        model = real(*a, **k)
+        model.config._attn_implementation = "eager"
+        return model
+
+    monkeypatch.setattr(loading, "load_model", eager)
+    run(cfg := dpo_config(data, tmp_path / "eager", max_steps=2))
+    assert "--share-prompt needs SDPA attention, not eager" in capsys.readouterr().err
+    assert manifest(cfg.out)["config"]["share_prompt"] is False
+    monkeypatch.setattr(loading, "load_model", real)
+    run(packed := dpo_config(data, tmp_path / "packed", max_steps=2, share_prompt=False))
+    for x, y in zip(no_timing(metrics_rows(cfg.out)), no_timing(metrics_rows(packed.out)), strict=True):
+        assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
+
+
 def test_resume_equals_the_uninterrupted_run(tmp_path, data, monkeypatch):
     out = tmp_path / "dpo"
     cfg = dpo_config(data, out, max_steps=4, save_every=2, precompute_ref=True)

@@ -16,14 +16,14 @@ step.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import typer
 
 from rlhf_cli.config import TrainOptions, from_cli
-from rlhf_cli.console import info
+from rlhf_cli.console import info, warn
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.options import (
     ConfigOpt,
@@ -227,6 +227,10 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     # 3. policy (+ LoRA), frozen reference, optimizer, optional resume, metrics
     model = training.prepare_model(load_model(spec, tok, "fp32", t.trust_remote_code), t, env.device)
     disable_dropout(model)  # the ratio to the reference must be exactly 1 for an unchanged policy
+    if cfg.share_prompt and getattr(model.config, "_attn_implementation", None) != "sdpa":
+        # the shared-prompt rows need a 4-D boolean mask, which only the SDPA kernel reads as such
+        warn(f"--share-prompt needs SDPA attention, not {getattr(model.config, '_attn_implementation', None)}: packing sequences instead")
+        cfg = replace(cfg, share_prompt=False, packing=True)
     ref = load_reference(cfg, spec, tok, env.device)
     fwd = training.SequenceLogprobs(model)
     s = training.start(env, t, model, fwd, _resume_key(cfg, env.per_step))
