@@ -29,8 +29,8 @@ Same work on both sides (/work/shared/BENCHMARKS.md):
   * layout: TRL 1.16 accepts `padding_free=True` but warns that it is "temporarily unavailable after
     a refactor" and falls back to padding, so TRL runs right-padded prompt+answer rows (width: the
     longest sequence). Ours runs its default, each prompt computed once with its answers after it
-    (`--layout shared`, pref_data.share_prompts); `--layout packed` packs whole sequences padding-free
-    (pref_data.pack) and `--layout padded` gives ours TRL's padded layout (like for like). Throughput
+    (`--layout shared`, pref_layouts.share_prompts); `--layout packed` packs whole sequences padding-free
+    (pref_layouts.pack) and `--layout padded` gives ours TRL's padded layout (like for like). Throughput
     counts the sequences' non-padding tokens (a shared prompt's tokens once for each sequence that uses it: the same count on both
     sides, whatever the layout).
   * each side in its own process (ours in .venv, TRL in .bench-venv), one after the other; the first

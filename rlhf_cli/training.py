@@ -69,7 +69,7 @@ class SequenceLogprobs(nn.Module):
 
     Padded layout: ids, mask, answer_mask (S, T) right-padded prompt + answer rows (as TRL lays them
     out, so a batch is as wide as its longest row), answer_mask True on the answer tokens (EOS
-    included). Packed layout (pref_data.pack): mask None, ids, position_ids, seq_index, answer_mask
+    included). Packed layout (pref_layouts.pack): mask None, ids, position_ids, seq_index, answer_mask
     (R, W), several sequences per row. A plain linear head runs fused with the log-softmax (kernels/:
     no (S, T, V) logits); other heads go through the model's own logits. One module around the
     policy so DDP sees every parameter.
@@ -90,7 +90,7 @@ class SequenceLogprobs(nn.Module):
 
 def shared_prompt_logprobs(model: Any, ids: torch.Tensor, mask: Any, position_ids: Any, pred_row: torch.Tensor,
                            pred_pos: torch.Tensor, target: torch.Tensor, target_seq: torch.Tensor) -> torch.Tensor:
-    """(S,) summed answer log-probs in the shared-prompt layout (pref_data.share_prompts): ids, position_ids
+    """(S,) summed answer log-probs in the shared-prompt layout (pref_layouts.share_prompts): ids, position_ids
     (R, W), mask (R, 1, W, W) bool; the state at (pred_row, pred_pos) predicts `target`, of sequence
     `target_seq` (all (T,)). S = the number of sequences (target_seq.max() + 1)."""
     from rlhf_cli.kernels import fused_linear_logprobs, token_logprobs

@@ -78,8 +78,8 @@ class DpoConfig:
     sft_coef: float = 0.0  # RPO: + coef x token-mean NLL of the chosen answers
     use_margin: bool = False  # ODPO: the rows' `margin` as an offset
     precompute_ref: bool = False
-    packing: bool = True  # padding-free rows (pref_data.pack)
-    share_prompt: bool = True  # each row's prompt once, its answers after it (pref_data.share_prompts); beats packing
+    packing: bool = True  # padding-free rows (pref_layouts.pack)
+    share_prompt: bool = True  # each row's prompt once, its answers after it (pref_layouts.share_prompts); beats packing
     eval_data: str | None = None
     eval_split: float = 0.0
     eval_every: int = 0
