@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
 import re
 import types
 import typing
@@ -58,6 +59,8 @@ class TrainOptions:
     lora_alpha: float = 32.0
     keep_adapter: bool = False  # save the LoRA adapter instead of merging it
     gradient_checkpointing: bool = False
+    shard: str = "none"  # under torchrun: none = DDP, full = FSDP2 (sharding.py)
+    shard_offload: bool = False  # FSDP2 on CUDA: shards live in CPU memory
     dtype: str = "fp32"  # bf16: autocast over fp32 weights
     seed: int = 0
     device: str = "auto"
@@ -67,7 +70,7 @@ class TrainOptions:
         "save_every": ">= 0", "epochs": ">= 1", "max_steps": ">= 1", "lr": "> 0", "schedule": SCHEDULES,
         "warmup": ">= 0", "decay_frac": "[0, 1]", "min_lr_ratio": "[0, 1]", "weight_decay": ">= 0",
         "max_grad_norm": ">= 0", "grad_accum": ">= 1", "lora_r": ">= 0", "lora_alpha": "> 0",
-        "dtype": ("fp32", "bf16"),
+        "dtype": ("fp32", "bf16"), "shard": ("none", "full"),
     }
     FLAGS: ClassVar[dict[str, str]] = {"lora_r": "--lora"}
 
@@ -84,6 +87,11 @@ def check_train(opts: TrainOptions) -> None:
 
     if opts.keep_adapter and not opts.lora_r:
         raise RlhfError("--keep-adapter needs --lora R")
+    if opts.shard_offload and opts.shard != "full":
+        raise RlhfError("--shard-offload needs --shard full")
+    if opts.shard == "full" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise RlhfError("--shard full shards over the processes torchrun starts; this is one process",
+                        "launch with torchrun --nproc-per-node N (N >= 2), or drop --shard full")
     if opts.resume and not (opts.state_dir / "latest").is_file():
         raise RlhfError(f"{opts.state_dir}: no saved training state to resume from", "run without --resume to start fresh")
     check_out_dir(opts.out)

@@ -51,6 +51,13 @@ KeepAdapterOpt = Annotated[bool, typer.Option("--keep-adapter", help="Save the L
 GradCkptOpt = Annotated[
     bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward.", rich_help_panel=TRAIN)
 ]
+ShardOpt = Annotated[str, typer.Option(
+    "--shard", help="Under torchrun: none = DDP (whole model per process); full = FSDP2 (weights, grads, AdamW sharded).",
+    rich_help_panel=TRAIN)]
+RefShardOpt = Annotated[bool, typer.Option(
+    "--ref-shard", help="With --shard full: split the frozen reference over the processes too, instead of a whole copy on each.",
+    rich_help_panel=TRAIN)]
+ShardOffloadOpt = Annotated[bool, typer.Option("--shard-offload", help="With --shard full on CUDA: keep the shards in CPU memory.", rich_help_panel=TRAIN)]
 FormatOpt = Annotated[
     str,
     typer.Option("--format", help="chat: prompts go through the chat template (ChatML if none). raw: plain text."),
@@ -82,6 +89,29 @@ MaxCostOpt = Annotated[
                  rich_help_panel=JUDGE_PANEL),
 ]
 CacheDirOpt = Annotated[str | None, typer.Option("--cache-dir", help="api: verdict cache directory.", rich_help_panel=JUDGE_PANEL)]
+
+
+# `--model api:MODEL` (sample, eval exact, eval code): the api judge's client knobs, for a generating model;
+# max-retries and timeout are --config keys, as for the judge.
+API_PANEL = "API model (--model api:MODEL)"
+ModelBaseUrlOpt = Annotated[
+    str | None,
+    typer.Option("--base-url", help="api:MODEL: OpenAI-compatible endpoint (default OpenAI's), e.g. http://127.0.0.1:8080/v1.",
+                 rich_help_panel=API_PANEL),
+]
+ModelApiKeyEnvOpt = Annotated[
+    str, typer.Option("--api-key-env", help="api:MODEL: name of the environment variable holding the key.", rich_help_panel=API_PANEL)
+]
+ModelConcurrencyOpt = Annotated[int, typer.Option("--concurrency", help="api:MODEL: requests in flight.", rich_help_panel=API_PANEL)]
+ModelPricesOpt = Annotated[
+    str | None,
+    typer.Option("--prices", help="api:MODEL: 'IN,OUT' dollars per million tokens, or a JSON price table.", rich_help_panel=API_PANEL),
+]
+ModelMaxCostOpt = Annotated[
+    float | None,
+    typer.Option("--max-cost", help="api:MODEL: send no request that could take the spend past this many dollars; stop with exit 3.",
+                 rich_help_panel=API_PANEL),
+]
 
 
 def refuse_extra_args(ctx: typer.Context) -> None:

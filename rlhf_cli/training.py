@@ -135,15 +135,17 @@ def evaluate(loss_mod: nn.Module, microbatches: list[Any], pad_id: int, device: 
     """Token-mean NLL over held-out microbatches (sharded over processes)."""
     from rlhf_cli import runtime
     from rlhf_cli.data.sft_data import collate, target_count
+    from rlhf_cli.sharding import full_params
 
     was_training = loss_mod.training
     loss_mod.eval()
     total, count = 0.0, 0
-    for mb in microbatches[dist.rank :: dist.world]:
-        batch = {k: v.to(device) for k, v in collate(mb, pad_id).items()}
-        with autocast:
-            total += loss_mod(**batch).item()
-        count += target_count(mb)
+    with full_params(loss_mod):  # ranks may hold different numbers of held-out batches
+        for mb in microbatches[dist.rank :: dist.world]:
+            batch = {k: v.to(device) for k, v in collate(mb, pad_id).items()}
+            with autocast:
+                total += loss_mod(**batch).item()
+            count += target_count(mb)
     loss_mod.train(was_training)
     return runtime.all_reduce_sum(total, device) / max(1.0, runtime.all_reduce_sum(float(count), device))
 
@@ -280,29 +282,42 @@ class Session:
     metrics: MetricsLog | None
     t_start: float = field(default_factory=time.perf_counter)
 
+    @property
+    def sharded(self) -> bool:
+        return self.opts.shard == "full"
+
     def no_sync(self, last: bool) -> Any:
-        """DDP: skip the gradient all-reduce on all but the last microbatch of a step."""
+        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last microbatch of a step."""
         if last or self.env.dist.world == 1:
             return contextlib.nullcontext()
+        if self.sharded:
+            from rlhf_cli.sharding import no_grad_sync
+
+            return no_grad_sync(self.forward, sync=False)
         return self.forward.no_sync()  # type: ignore[operator]
 
 
 def start(env: Env, opts: TrainOptions, model: nn.Module, forward: nn.Module | None = None, key: dict[str, Any] | None = None,
           warmup: int | None = None) -> Session:
-    """The optimizer over `model`'s trainable parameters, --resume (refusing a different key), DDP, metrics.
+    """The optimizer over `model`'s trainable parameters, --resume (refusing a different key), DDP or FSDP2, metrics.
 
     `forward` is the module the loop calls (a loss wrapper around `model`; default `model` itself):
-    DDP wraps it whole so it sees every parameter used.
+    DDP wraps it whole so it sees every parameter used. `--shard full` shards it in place (sharding.py)
+    before the optimizer is built, since FSDP2 swaps every parameter for a DTensor shard.
     """
     from rlhf_cli.train_state import start_or_resume
 
+    fwd = forward if forward is not None else model
+    if opts.shard == "full":
+        from rlhf_cli.sharding import shard
+
+        fwd = shard(fwd, opts.dtype, env.device, opts.shard_offload)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, opts.lr, opts.weight_decay, env.device)
     key = key or {}
-    first = start_or_resume(opts.state_dir, opts.resume, model, optimizer, key, env.dist.main)
+    first = start_or_resume(opts.state_dir, opts.resume, model, optimizer, key, env.dist, sharded=opts.shard == "full")
     runtime.barrier()
-    fwd = forward if forward is not None else model
-    if env.dist.world > 1:
+    if env.dist.world > 1 and opts.shard == "none":
         from torch.nn.parallel import DistributedDataParallel
 
         fwd = DistributedDataParallel(fwd, device_ids=[env.device] if env.device.startswith("cuda") else None)
@@ -340,7 +355,9 @@ def maybe_save(s: Session, done: int, total: int, extra: dict[str, Any] | None =
     from rlhf_cli.train_state import save_state
 
     if s.opts.save_every and done % s.opts.save_every == 0 and done < total:
-        if s.env.dist.main:
+        if s.sharded:  # every rank writes its own shards (train_state.py)
+            save_state(s.opts.state_dir, done, s.model, s.optimizer, {"plan": s.key, **(extra or {})}, dist=s.env.dist)
+        elif s.env.dist.main:
             save_state(s.opts.state_dir, done, s.model, s.optimizer, {"plan": s.key, **(extra or {})})
         runtime.barrier()
 
@@ -348,16 +365,29 @@ def maybe_save(s: Session, done: int, total: int, extra: dict[str, Any] | None =
 def finish(s: Session, command: str, cfg: Any, model: nn.Module, tok: Any, inputs: list[str], final: dict[str, Any],
            parent: str) -> None:
     """Rank 0 writes OUT/ once (weights, tokenizer, manifest with the resolved config, metrics.jsonl)
-    and drops OUT-state/; every rank then leaves the process group."""
+    and drops OUT-state/; every rank then leaves the process group.
+
+    Sharded: every rank takes part in gathering the whole state onto rank 0's CPU, which saves it
+    (HF's save_pretrained splits a large one into shards with an index); a LoRA adapter is merged
+    from the gathered tensors, as peft would merge it in place."""
     import shutil
 
     from rlhf_cli.models import checkpoint
+    from rlhf_cli.sharding import full_state_dict, merge_lora_state
 
+    state = full_state_dict(model) if s.sharded else None
     if s.env.dist.main:
         manifest = checkpoint.build_manifest(command, flat(cfg), inputs, parent, final)
         metrics_bytes = (s.opts.state_dir / "metrics.jsonl").read_bytes()
-        saved = merge_or_keep_lora(model, s.opts.keep_adapter)
-        checkpoint.save_checkpoint(saved, tok, s.opts.out, manifest, extra={"metrics.jsonl": metrics_bytes})
+        saved: Any = model
+        if state is not None and s.opts.lora_r and not s.opts.keep_adapter:
+            saved, state = model.get_base_model(), merge_lora_state(model, state)  # type: ignore[operator]
+        elif state is None:
+            saved = merge_or_keep_lora(model, s.opts.keep_adapter)
+        if state is not None:  # a gathered state holds a tied weight twice: keep the name save_pretrained keeps
+            tied = getattr(saved, "all_tied_weights_keys", None) or {}
+            state = {k: v for k, v in state.items() if not (k in tied and tied[k] in state)}
+        checkpoint.save_checkpoint(saved, tok, s.opts.out, manifest, extra={"metrics.jsonl": metrics_bytes}, state_dict=state)
         shutil.rmtree(s.opts.state_dir, ignore_errors=True)
     runtime.barrier()
     runtime.cleanup_distributed()

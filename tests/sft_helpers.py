@@ -78,9 +78,30 @@ def leftovers(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in hidden + pickles)
 
 
-def kill_9_after_save(args: list[str], state_dir: Path, step: int, log: Path) -> None:
-    """Run `python -m rlhf_cli ARGS` in a child and SIGKILL it as soon as `state_dir` holds a resume state of
-    at least `step` (asserting it was still running then): the crash a --resume must survive."""
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first listed last), read from /proc."""
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_9_after_save(args: list[str], state_dir: Path, step: int, log: Path, launcher: list[str] | None = None) -> None:
+    """Run `python -m rlhf_cli ARGS` in a child (under `launcher`, e.g. torchrun, when given) and SIGKILL it
+    and every process below it as soon as `state_dir` holds a resume state of at least `step` (asserting it was
+    still running then): the crash a --resume must survive."""
+    import contextlib
     import os
     import signal
     import subprocess
@@ -90,7 +111,7 @@ def kill_9_after_save(args: list[str], state_dir: Path, step: int, log: Path) ->
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RLHF_DEBUG", None)
     with log.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "rlhf_cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen([*(launcher or [sys.executable]), "-m", "rlhf_cli", *args], env=env, stdout=subprocess.DEVNULL, stderr=err)
         latest = state_dir / "latest"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -98,6 +119,8 @@ def kill_9_after_save(args: list[str], state_dir: Path, step: int, log: Path) ->
                 break
             time.sleep(0.01)
         alive = proc.poll() is None
-        proc.send_signal(signal.SIGKILL)
+        for pid in [*descendants(proc.pid), proc.pid]:  # torchrun's workers live in sessions of their own
+            with contextlib.suppress(ProcessLookupError):  # it had ended by itself (asserted below)
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
     assert alive, f"the run ended before it could be killed:\n{log.read_text()}"

@@ -1,10 +1,10 @@
 """The api judge against a small fault-injecting OpenAI-compatible server on loopback (stdlib only).
 
-The server answers /v1/chat/completions with canned JSON (usage, optional log-probs) and can be told
-to answer the first calls with 429 + Retry-After, 500, 400, or to sleep past the client's timeout.
-It counts calls and requests in flight, so the tests check retries, the cache, cost, --max-cost
-and --concurrency by what actually reached the wire. The real server (llama.cpp) is in
-test_api_server.py.
+The server (tests/api_fake.py) answers /v1/chat/completions with canned JSON (usage, optional
+log-probs) and can be told to answer the first calls with 429 + Retry-After, 500, 400, or to sleep
+past the client's timeout. It counts calls and requests in flight, so the tests check retries, the
+cache, cost, --max-cost and --concurrency by what actually reached the wire. The real server
+(llama.cpp) is in test_api_server.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from api_fake import FakeOpenAI
 
 from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
@@ -28,87 +26,11 @@ from rlhf_cli.judges.base import Ask, JudgeOptions
 KEY = "sk-test-SECRET-5f3c9a1e77"  # recognisable: grep for it everywhere
 
 
-class FakeOpenAI:
-    """A loopback chat-completions server. `script` holds one action per call, in call order
-    (then `reply` for every later call): ("429", retry_after) | ("500",) | ("400",) | ("sleep", s)."""
-
-    def __init__(self) -> None:
-        self.script: list[tuple] = []
-        self.reply = lambda body: {"text": "a", "top": None}
-        self.usage = (1000, 2)
-        self.delay = 0.0
-        self.calls = 0
-        self.inflight = 0
-        self.max_inflight = 0
-        self.times: list[float] = []
-        self.auth: list[str] = []
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:  # keep pytest output clean
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with fake.lock:
-                    fake.calls += 1
-                    n = fake.calls
-                    fake.inflight += 1
-                    fake.max_inflight = max(fake.max_inflight, fake.inflight)
-                    fake.times.append(time.monotonic())
-                    fake.auth.append(self.headers.get("Authorization", ""))
-                try:
-                    action = fake.script[n - 1] if n <= len(fake.script) else None
-                    if action and action[0] == "sleep":
-                        time.sleep(action[1])
-                        return  # the client gave up long ago; say nothing
-                    if action and action[0] == "429":
-                        return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": str(action[1])})
-                    if action and action[0] == "500":
-                        return self._send(500, {"error": {"message": "boom"}})
-                    if action and action[0] == "400":  # a server that echoes the credentials it got
-                        return self._send(400, {"error": {"message": f"model not found; you sent {self.headers['Authorization']}"}})
-                    time.sleep(fake.delay)
-                    self._send(200, fake.completion(body))
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-                finally:
-                    with fake.lock:
-                        fake.inflight -= 1
-
-            def _send(self, code: int, obj: dict, headers: dict | None = None) -> None:
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def completion(self, body: dict) -> dict:
-        r = self.reply(body)
-        logprobs = None
-        if r["top"] is not None and body.get("logprobs"):
-            tops = [{"token": t, "logprob": lp, "bytes": None} for t, lp in r["top"]]
-            logprobs = {"content": [{"token": r["top"][0][0], "logprob": r["top"][0][1], "bytes": None, "top_logprobs": tops}]}
-        return {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]}, "finish_reason": "stop", "logprobs": logprobs}],
-                "usage": {"prompt_tokens": self.usage[0], "completion_tokens": self.usage[1], "total_tokens": sum(self.usage)}}
-
-
 @pytest.fixture
 def server():
     fake = FakeOpenAI()
     yield fake
-    fake.httpd.shutdown()
-    fake.httpd.server_close()
+    fake.close()
 
 
 @pytest.fixture(autouse=True)

@@ -103,3 +103,39 @@ def test_api_judge_on_llama_cpp_server(llama_server, tmp_path, monkeypatch):
     rerun = {(a.item.id, a.first): v for a, v in again.judge(asks)}
     assert again.requests == 0 and again.cache_hits == 4
     assert all(v.cached and v.p_a == got[k].p_a and v.winner == got[k].winner for k, v in rerun.items())
+
+
+CHAT = [{"id": "capital", "prompt": "What is the capital of France?"},
+        {"id": "sum", "messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2 + 3?"}]}]
+
+
+def test_api_sample_on_llama_cpp_server(llama_server, tmp_path, monkeypatch):
+    """`rlhf sample --model api:...` on llama.cpp's server, which answers one choice per request: the
+    rest of -n is asked for again, and the rows carry the server's token counts and log-probs."""
+    import orjson
+
+    from rlhf_cli.api_client import ApiOptions
+    from rlhf_cli.commands.sample import SampleConfig, run
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    api = ApiOptions(base_url=llama_server, concurrency=2, timeout=120)
+
+    def sample(name: str, rows: list[dict], **kw) -> list[dict]:
+        prompts, out = tmp_path / f"in-{name}", tmp_path / name
+        prompts.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+        run(SampleConfig(prompts=str(prompts), model="api:smollm2-135m", max_new_tokens=8, output=str(out), api=api, **kw))
+        return [orjson.loads(x) for x in out.read_bytes().splitlines()]
+
+    rows = sample("chat.jsonl", CHAT, n=2, temperature=0.8, seed=1, logprobs=True)
+    assert [r["id"] for r in rows] == ["capital", "sum"]
+    for r in rows:
+        assert len(r["completions"]) == 2 and all(isinstance(c, str) for c in r["completions"])
+        assert set(r["finish_reasons"]) <= {"stop", "length"} and r["prompt_tokens"] > 5
+        assert all(0 <= t <= 8 for t in r["completion_tokens"]) and sum(r["completion_tokens"]) > 0
+        assert [len(lp) for lp in r["logprobs"]] == r["completion_tokens"] and all(x <= 0 for lp in r["logprobs"] for x in lp)
+        assert r["sampling"]["base_url"] == llama_server and "completion_token_ids" not in r
+    # greedy continuation of raw text (/completions): the same answer twice, cut at the length limit
+    raw = [{"id": "paris", "prompt": "The capital of France is"}]
+    first, again = (sample(name, raw, format="raw", temperature=0, logprobs=True) for name in ("raw1.jsonl", "raw2.jsonl"))
+    assert first == again and "Paris" in first[0]["completions"][0]
+    assert (first[0]["finish_reasons"], first[0]["completion_tokens"], len(first[0]["logprobs"][0])) == (["length"], [8], 8)

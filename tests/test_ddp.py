@@ -20,12 +20,13 @@ from rlhf_cli.commands.sft import run
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_grad_accum(tmp_path):
+@pytest.mark.parametrize("shard", ["none", "full"])  # full: FSDP2 (sharding.py)
+def test_two_processes_match_one_process_with_grad_accum(tmp_path, shard):
     data = write_jsonl(tmp_path, "demos.jsonl", demo_rows(40))
     out = tmp_path / "ddp"
     args = ["sft", str(data), "--out", str(out), "--model", "builtin:micro", "--max-len", "64", "--batch-size", "2",
             "--grad-accum", "1", "--max-steps", "4", "--lr", "1e-2", "--schedule", "linear", "--save-every", "2",
-            "--eval-split", "0.2", "--eval-every", "2", "--device", "cpu", "--seed", "5"]
+            "--eval-split", "0.2", "--eval-every", "2", "--device", "cpu", "--seed", "5", "--shard", shard]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RLHF_DEBUG", None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]

@@ -229,10 +229,11 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, data, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_grad_accum(tmp_path, data):
+@pytest.mark.parametrize("shard", ["none", "full", "full --ref-shard"])  # full: FSDP2 (sharding.py)
+def test_two_processes_match_one_process_with_grad_accum(tmp_path, shard, data):
     out = tmp_path / "ddp"
     args = ["dpo", str(data), "--out", str(out), "--model", "builtin:micro", "--max-len", "64", "--batch-size", "2",
-            "--max-steps", "3", "--lr", "1e-2", "--schedule", "constant", "--save-every", "0", "--device", "cpu"]
+            "--max-steps", "3", "--lr", "1e-2", "--schedule", "constant", "--save-every", "0", "--device", "cpu", "--shard", *shard.split()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RLHF_DEBUG", None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]

@@ -342,22 +342,26 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, prompts, rul
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scale", ["group", "batch"])
-def test_two_processes_match_one_process(tmp_path, prompts, rules, scale):
+@pytest.mark.parametrize(("scale", "shard"), [("group", "none"), ("batch", "none"), ("group", "full"), ("batch", "full"),
+                                               ("group", "full --ref-shard --beta 0.1")])
+def test_two_processes_match_one_process(tmp_path, prompts, rules, scale, shard):
     """2 gloo processes, 2 prompts each, equal 1 process sampling the same 2 + 2 prompts in two seeded
-    calls (--generate-batch 2) with --grad-accum 2; batch statistics are gathered over processes."""
+    calls (--generate-batch 2) with --grad-accum 2; batch statistics are gathered over processes.
+    full: FSDP2 (sharding.py); --ref-shard: a KL-penalised run with the reference split over the processes."""
+    beta = float(shard.split("--beta ")[1]) if "--beta" in shard else 0.0
     out = tmp_path / "ddp"
     args = ["grpo", str(prompts), "-m", "builtin:micro", "--judge", f"rule:{rules}:lower", "-b", "4", "-K", "4",
             "--max-new-tokens", "8", "--max-steps", "3", "--lr", "1e-2", "--save-every", "0", "--device", "cpu",
-            "--format", "raw", "--scale-rewards", scale, "--out", str(out)]
+            "--format", "raw", "--scale-rewards", scale, "--out", str(out), "--shard", *shard.split()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RLHF_DEBUG", None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     proc = subprocess.run([*launcher, "-m", "rlhf_cli", *args], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("saved ") == 1
-    run(cfg_for(prompts, rules, tmp_path / "single", generate_batch=2, grad_accum=2, scale_rewards=scale))
+    run(cfg_for(prompts, rules, tmp_path / "single", generate_batch=2, grad_accum=2, scale_rewards=scale, beta=beta))
     rows, single = strip(metrics_rows(out)), strip(metrics_rows(tmp_path / "single"))
+    assert ("kl" in rows[0]) == (beta > 0)
     for r, s in zip(rows, single, strict=True):
         assert r == pytest.approx(s, rel=1e-4, abs=1e-6)
     # gloo sums the two halves' gradients in another order; AdamW's first steps (update ~ lr * sign) turn

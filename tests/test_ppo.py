@@ -364,6 +364,32 @@ def test_two_processes_train_and_rank_0_saves_once(tmp_path, prompts, rules):
     assert any((saved[k] - v).abs().max() > 1e-4 for k, v in initial.items() if k in saved)
 
 
+@pytest.mark.slow
+def test_fsdp_run_equals_the_ddp_run(tmp_path, prompts, rules):
+    """--shard full (FSDP2: policy and value sharded, sampled and scored on gathered weights; with
+    --ref-shard the reference too) against
+    --shard none (DDP) on the same 2 processes: each rank samples the same prompts with the same
+    seeds, so the runs must agree to float noise, saved weights included."""
+    outs = {}
+    for shard in ("none", "full", "full --ref-shard"):
+        outs[shard] = out = tmp_path / shard.replace(" ", "")
+        args = ["ppo", str(prompts), "--policy", "builtin:micro", "--judge", f"rule:{rules}:lower", "-b", "8", "--minibatch-size", "4",
+                "--max-new-tokens", "6", "--max-steps", "2", "--lr", "1e-2", "--device", "cpu", "--out", str(out), "--save-every", "0",
+                "--shard", *shard.split()]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("RLHF_DEBUG", None)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+        proc = subprocess.run([*launcher, "-m", "rlhf_cli", *args], env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    timing = ("tokens_per_s", "time_generate", "time_score", "time_train", "step_seconds")
+    rows = {s: [{k: v for k, v in r.items() if k not in timing} for r in metrics_rows(out)] for s, out in outs.items()}
+    assert len(rows["none"]) == 2 and abs(rows["none"][0]["kl"]) < 1e-5  # step 1: the policy is its own reference
+    for shard in ("full", "full --ref-shard"):  # --ref-shard: the reference split block by block too
+        for a, b in zip(rows[shard], rows["none"], strict=True):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+        assert_same_weights(load_weights(outs[shard]), load_weights(outs["none"]), atol=1e-4)
+
+
 def load_weights_of_builtin():
     from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
 

@@ -43,10 +43,13 @@ from rlhf_cli.options import (
     MinLrRatioOpt,
     ModelOpt,
     OutOpt,
+    RefShardOpt,
     ResumeOpt,
     SaveEveryOpt,
     ScheduleOpt,
     SeedOpt,
+    ShardOffloadOpt,
+    ShardOpt,
     TrustOpt,
     WarmupOpt,
     WeightDecayOpt,
@@ -84,6 +87,7 @@ class DpoConfig:
     eval_split: float = 0.0
     eval_every: int = 0
     ref_dtype: str = "auto"
+    ref_shard: bool = False  # --shard full: the reference split over the processes (sharding.shard_frozen)
     train: TrainOptions = TRAIN
 
     COMMAND: ClassVar[str] = "dpo"
@@ -141,6 +145,9 @@ def command(
     dtype: DtypeOpt = TRAIN.dtype,
     device: DeviceOpt = TRAIN.device,
     gradient_checkpointing: GradCkptOpt = TRAIN.gradient_checkpointing,
+    shard: ShardOpt = TRAIN.shard,
+    shard_offload: ShardOffloadOpt = TRAIN.shard_offload,
+    ref_shard: RefShardOpt = DpoConfig.ref_shard,
     lora_r: LoraOpt = TRAIN.lora_r,
     lora_alpha: LoraAlphaOpt = TRAIN.lora_alpha,
     keep_adapter: KeepAdapterOpt = TRAIN.keep_adapter,
@@ -176,6 +183,8 @@ def validate(cfg: DpoConfig) -> Any:
     from rlhf_cli.models.loading import parse_model_spec
 
     check(cfg)
+    if cfg.ref_shard and cfg.train.shard != "full":
+        raise RlhfError("--ref-shard needs --shard full")
     if cfg.eval_split and cfg.eval_data:
         raise RlhfError("give --eval-data or --eval-split, not both")
     if cfg.loss == "simpo" and (cfg.ref or cfg.precompute_ref):
@@ -232,9 +241,13 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
         warn(f"--share-prompt needs SDPA attention, not {getattr(model.config, '_attn_implementation', None)}: packing sequences instead")
         cfg = replace(cfg, share_prompt=False, packing=True)
     ref = load_reference(cfg, spec, tok, env.device)
+    if cfg.ref_shard and ref is not None:
+        from rlhf_cli.sharding import shard_frozen
+
+        shard_frozen(ref)  # equal microbatches per rank in training; held-out and precompute passes gather it
     fwd = training.SequenceLogprobs(model)
     s = training.start(env, t, model, fwd, _resume_key(cfg, env.per_step))
-    scorer = RefScorer(cfg, model, ref, pad, env.device)
+    scorer = RefScorer(cfg, model, ref, pad, env.device, root=s.forward)
     if cfg.precompute_ref:
         scorer.precompute(train + held, cfg.batch_size, env.dist, s.opts.state_dir)
     info(f"dpo ({cfg.loss}): {spec.raw} on {env.device} x{env.dist.world}, {len(train)} rows ({len(held)} held out), "
@@ -326,8 +339,10 @@ class RefScorer:
     """The frozen reference's summed answer log-probs: a separate model, the LoRA policy with its
     adapter off (no second copy), or values computed once before training (`--precompute-ref`)."""
 
-    def __init__(self, cfg: DpoConfig, policy: Any, ref: Any, pad: int, device: str) -> None:
+    def __init__(self, cfg: DpoConfig, policy: Any, ref: Any, pad: int, device: str, root: Any = None) -> None:
         self.cfg, self.policy, self.ref, self.pad, self.device = cfg, policy, ref, pad, device
+        self.root = root  # the module the loop calls; with --shard full, the FSDP root holding the policy
+        self.adapter_off = ref is None and cfg.loss != "simpo"  # the reference is the LoRA policy, adapter off
         self.table: dict[int, torch.Tensor] = {}
         self.source = ("none (reference-free)" if cfg.loss == "simpo" else
                        cfg.ref or cfg.model if ref is not None else "the policy with its LoRA adapter disabled")
@@ -341,8 +356,19 @@ class RefScorer:
 
         model = self.ref if self.ref is not None else self.policy
         off = self.policy.disable_adapter() if self.ref is None else contextlib.nullcontext()
-        with torch.no_grad(), off:
+        with torch.no_grad(), off, self.gathered():
             return SequenceLogprobs(model)(*seq_args(b)).float()
+
+    def gathered(self, frozen: bool = False) -> Any:
+        """--shard full: the adapter-free policy runs outside the training forward, so on gathered weights;
+        `frozen`: a --ref-shard reference too (held-out and precompute passes, uneven over ranks)."""
+        import contextlib
+
+        from rlhf_cli.sharding import full_params
+
+        if self.adapter_off and self.root is not None:
+            return full_params(self.root)
+        return full_params(self.ref) if frozen and self.ref is not None else contextlib.nullcontext()
 
     def __call__(self, mb: list[tuple[int, PrefExample]], b: dict[str, Any]) -> torch.Tensor | None:
         import torch
@@ -362,16 +388,17 @@ class RefScorer:
         path = state_dir / "ref_logprobs.safetensors"
         if not path.is_file():
             table: dict[str, torch.Tensor] = {}
-            if dist.main:
-                for i in range(0, len(examples), batch_size):
-                    mb = examples[i : i + batch_size]
-                    b = batch_tensors(mb, self.pad, self.device, self.cfg.packing, self.cfg.share_prompt)
-                    logp, start = self.live(b).cpu(), 0
-                    for idx, ex in mb:
-                        table[str(idx)] = logp[start : start + len(ex.seqs)].contiguous()
-                        start += len(ex.seqs)
-                state_dir.mkdir(parents=True, exist_ok=True)
-                save_file(table, str(path))
+            with self.gathered(frozen=True):  # --shard full: rank 0 alone runs the reference
+                if dist.main:
+                    for i in range(0, len(examples), batch_size):
+                        mb = examples[i : i + batch_size]
+                        b = batch_tensors(mb, self.pad, self.device, self.cfg.packing, self.cfg.share_prompt)
+                        logp, start = self.live(b).cpu(), 0
+                        for idx, ex in mb:
+                            table[str(idx)] = logp[start : start + len(ex.seqs)].contiguous()
+                            start += len(ex.seqs)
+                    state_dir.mkdir(parents=True, exist_ok=True)
+                    save_file(table, str(path))
             runtime.barrier()
         self.table = {int(k): v for k, v in load_file(str(path)).items()}
         self.ref = None  # one model in memory from here on
@@ -396,9 +423,12 @@ def evaluate(cfg: DpoConfig, fwd: Any, scorer: RefScorer, mbs: list[Any], pad: i
     """Held-out loss, preference accuracy (implicit reward of chosen > rejected) and margin, sharded over processes."""
     import torch
 
+    from rlhf_cli.sharding import full_params
+
     sums = Sums()
     fwd.eval()
-    with torch.no_grad(), env.autocast:
+    # --shard full: ranks may hold different numbers of batches
+    with torch.no_grad(), env.autocast, full_params(fwd), scorer.gathered(frozen=True):
         for mb in mbs[env.dist.rank :: env.dist.world]:
             microbatch_loss(cfg, fwd, scorer, mb, pad, env.device, sums)
     fwd.train()

@@ -14,6 +14,7 @@ model is loaded at all.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -43,10 +44,13 @@ from rlhf_cli.options import (
     MinLrRatioOpt,
     ModelOpt,
     OutOpt,
+    RefShardOpt,
     ResumeOpt,
     SaveEveryOpt,
     ScheduleOpt,
     SeedOpt,
+    ShardOffloadOpt,
+    ShardOpt,
     TrustOpt,
     WarmupOpt,
     WeightDecayOpt,
@@ -95,6 +99,7 @@ class GrpoConfig:
     skip_zero_std: bool = False
     pass_threshold: float = 1.0  # a response "passes" when its weighted score reaches this (pass@1, pass@K)
     ref_dtype: str = "auto"
+    ref_shard: bool = False  # --shard full: the reference split over the processes (sharding.shard_frozen)
     train: TrainOptions = TRAIN
 
     COMMAND: ClassVar[str] = "grpo"
@@ -164,6 +169,9 @@ def command(
     dtype: DtypeOpt = TRAIN.dtype,
     device: DeviceOpt = TRAIN.device,
     gradient_checkpointing: GradCkptOpt = TRAIN.gradient_checkpointing,
+    shard: ShardOpt = TRAIN.shard,
+    shard_offload: ShardOffloadOpt = TRAIN.shard_offload,
+    ref_shard: RefShardOpt = GrpoConfig.ref_shard,
     lora_r: LoraOpt = TRAIN.lora_r,
     lora_alpha: LoraAlphaOpt = TRAIN.lora_alpha,
     keep_adapter: KeepAdapterOpt = TRAIN.keep_adapter,
@@ -213,6 +221,8 @@ def validate(cfg: GrpoConfig, world: int) -> None:
     from rlhf_cli.config import check, check_train
 
     check(cfg)
+    if cfg.ref_shard and cfg.train.shard != "full":
+        raise RlhfError("--ref-shard needs --shard full")
     if not cfg.judge:
         raise RlhfError("grpo needs a reward: give --judge rule:... or --judge rm:PATH")
     for spec in cfg.judge:
@@ -270,6 +280,7 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
     from rlhf_cli.metrics import progress_bar
     from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
     from rlhf_cli.rollout import PolicyLogprobs, disable_dropout, sample_groups
+    from rlhf_cli.sharding import full_params, shard_frozen
 
     # 1. runtime, judges, policy (+LoRA), the reference only when beta > 0, the prompt plan
     env = training.setup(t, grad_accum=1)
@@ -282,6 +293,8 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
     disable_dropout(model)  # the ratio to the sampler must be 1 for an unchanged policy
     model = training.prepare_model(model, t, device)
     ref = load_reference(cfg, spec, tok, device, ref_dtype)
+    if cfg.ref_shard and ref is not None:
+        shard_frozen(ref)  # every rank scores an equal share of samples: equal numbers of reference forwards
     prompt_ids = [render_prompt(tok, r.prompt, r.messages, cfg.format)[-cfg.max_prompt_len :] for r in rows]
     plan = training.plan_epochs(lambda e: training.prompt_batches(len(rows), t.seed, e, cfg.batch_size), t, 1)
 
@@ -311,7 +324,7 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
             gb = cfg.generate_batch or per
             chunks = [([prompt_ids[i] for i in idx[c : c + gb]], batch_seed(t.seed, [f"step{step}"] + [str(rows[i].id) for i in idx[c : c + gb]]))
                       for c in range(0, per, gb)]
-            with env.autocast:
+            with env.autocast, full_params(s.forward):  # --shard full: weights gathered once, not per decode step
                 b = sample_groups(model, tok, chunks, sampling, device, pad)
             runtime.release_cache(device)
             t1 = time.perf_counter()
@@ -319,7 +332,8 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
             # 2. rewards: the weighted judges, the overlong penalty; group advantages
             rewards, stats = score(cfg, judges, batch_rows, b, device, step)
             t2 = time.perf_counter()
-            adv, mask, ref_logp = advantages(cfg, rewards, b, ref, fwd, device)
+            with full_params(s.forward) if ref is None and cfg.beta else contextlib.nullcontext():  # the adapter-free policy
+                adv, mask, ref_logp = advantages(cfg, rewards, b, ref, fwd, device)
 
             # 3. clipped policy-gradient steps: --iterations passes over the batch in minibatches
             model.train()

@@ -39,10 +39,13 @@ from rlhf_cli.options import (
     MaxGradNormOpt,
     MaxStepsOpt,
     OutOpt,
+    RefShardOpt,
     ResumeOpt,
     SaveEveryOpt,
     ScheduleOpt,
     SeedOpt,
+    ShardOffloadOpt,
+    ShardOpt,
     TrustOpt,
     WarmupOpt,
     WeightDecayOpt,
@@ -94,6 +97,7 @@ class PpoConfig:
     ptx: str | None = None
     ptx_coef: float = 1.0
     ref_dtype: str = "auto"
+    ref_shard: bool = False  # --shard full: the reference split over the processes (sharding.shard_frozen)
     offload: bool = False
     train: TrainOptions = TRAIN
 
@@ -158,6 +162,9 @@ def command(
     ref_dtype: Annotated[str, typer.Option("--ref-dtype", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16: reference and reward model.", rich_help_panel=MODELS)] = PpoConfig.ref_dtype,
     offload: Annotated[bool, typer.Option("--offload", help="Keep reference and reward model on the CPU outside their phase (CUDA).", rich_help_panel=MODELS)] = PpoConfig.offload,
     gradient_checkpointing: GradCkptOpt = TRAIN.gradient_checkpointing,
+    shard: ShardOpt = TRAIN.shard,
+    shard_offload: ShardOffloadOpt = TRAIN.shard_offload,
+    ref_shard: RefShardOpt = PpoConfig.ref_shard,
     save_every: SaveEveryOpt = TRAIN.save_every,
     resume: ResumeOpt = TRAIN.resume,
     format: FormatOpt = PpoConfig.format,
@@ -200,6 +207,8 @@ def validate(cfg: PpoConfig, world: int) -> None:
     from rlhf_cli.config import check, check_train
 
     check(cfg)
+    if cfg.ref_shard and (cfg.train.shard != "full" or cfg.offload):
+        raise RlhfError("--ref-shard needs --shard full (and no --offload: a sharded reference is already small)")
     if (cfg.reward is None) == (cfg.judge is None):
         raise RlhfError("give exactly one of --reward RM_DIR or --judge rule:...", "rewards come from a reward model or a rule")
     if cfg.judge is not None and cfg.judge.startswith("rm:"):
@@ -230,6 +239,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
     from rlhf_cli.judges import build_judge
     from rlhf_cli.metrics import progress_bar
     from rlhf_cli.rollout import collect, reward_stats, score_responses, setup_models
+    from rlhf_cli.sharding import full_params, shard_frozen
 
     # 1. runtime, models, the prompt plan (seeded: every rank and a resumed run rebuild it exactly)
     env = training.setup(t, grad_accum=1)
@@ -238,6 +248,8 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
     scorer = cast("ScoreJudge", build_judge(cfg.judge or f"rm:{cfg.reward}", replace(judge_opts, device=device, dtype=ref_dtype)))  # rule: / rm: score
     models = setup_models(cfg, device, ref_dtype)
     tok, pv, ref = models.tok, models.pv, models.ref
+    if cfg.ref_shard and ref is not None:
+        shard_frozen(ref)  # every rank scores an equal share of rollouts: equal numbers of reference forwards
     prompt_ids = [render_prompt(tok, r.prompt, r.messages, cfg.format)[-cfg.max_prompt_len :] for r in rows]
     plan = training.plan_epochs(lambda e: training.prompt_batches(len(rows), t.seed, e, cfg.batch_size), t, 1)
     ptx_batches = SftStream(tok, ptx_rows, cfg.format, cfg.max_prompt_len + cfg.max_new_tokens, cfg.minibatch_size, t.seed, dist, device) if ptx_rows else None
@@ -264,7 +276,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
             # 1. rollout: one sampled response per prompt, scored token by token (old, reference, value)
             pv.eval()
             seed = batch_seed(t.seed, [f"step{step}"] + [str(r.id) for r in batch_rows])
-            with env.autocast:
+            with env.autocast, full_params(s.forward):  # --shard full: weights gathered once for the rollout
                 ro = collect(pv, ref, tok, [prompt_ids[i] for i in idx], sampling, seed, device,
                              cfg.minibatch_size // dist.world, pad, cfg.offload)
             runtime.release_cache(device)  # the KV cache of generation is garbage now

@@ -6,6 +6,14 @@ streams one JSONL row per prompt to stdout as each batch finishes.
     rlhf sample prompts.jsonl --model sft/ -n 4 > samples.jsonl
     rlhf sample prompts.jsonl --model sft/ -n 4 -o samples.jsonl --resume   # continue a killed run
     cat prompts.jsonl | rlhf sample - --model sft/ --temperature 0 | head -1
+    OPENAI_API_KEY=... rlhf sample prompts.jsonl --model api:gpt-4o-mini -n 4 --max-cost 1 -o samples.jsonl
+    rlhf sample prompts.jsonl --model api:qwen --base-url http://127.0.0.1:8000/v1 -n 4 > samples.jsonl
+
+`--model api:MODEL` samples from an OpenAI-compatible server instead (rlhf_cli/api_generation.py):
+requests run --concurrency at a time and rows still come out in input order; a --max-cost stop
+writes every finished row and exits 3, and `--resume` continues. The rows have the same fields,
+with `sampling.base_url` added; with --logprobs there are no `completion_token_ids` (the API gives
+none) and the log-probs are the server's.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Annotated, Any, ClassVar
 
 import typer
 
+from rlhf_cli.api_client import ApiOptions
 from rlhf_cli.config import from_cli
 from rlhf_cli.console import info
 from rlhf_cli.errors import RlhfError
@@ -24,13 +33,20 @@ from rlhf_cli.options import (
     DeviceOpt,
     DtypeOpt,
     FormatOpt,
+    ModelApiKeyEnvOpt,
+    ModelBaseUrlOpt,
+    ModelConcurrencyOpt,
+    ModelMaxCostOpt,
     ModelOpt,
+    ModelPricesOpt,
     OutputOpt,
     SeedOpt,
     StreamResumeOpt,
     TrustOpt,
     refuse_extra_args,
 )
+
+API = ApiOptions()
 
 
 @dataclass(frozen=True)
@@ -52,9 +68,11 @@ class SampleConfig:
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
+    api: ApiOptions = API  # --model api:MODEL only; max_retries and timeout from --config
 
     COMMAND: ClassVar[str] = "sample"
     FLAGS: ClassVar[dict[str, str]] = {"n": "-n"}
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"max_retries", "timeout"})
     LIMITS: ClassVar[dict[str, Any]] = {
         "n": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0", "max_new_tokens": ">= 1",
         "batch_size": ">= 1", "format": ("chat", "raw"), "dtype": ("fp32", "bf16", "fp16"),
@@ -72,7 +90,7 @@ def command(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest completion, in tokens.")] = SampleConfig.max_new_tokens,
     seed: SeedOpt = SampleConfig.seed,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); not included in the text.")] = None,
-    logprobs: Annotated[bool, typer.Option("--logprobs", help="Record token ids and per-token log-probs.")] = SampleConfig.logprobs,
+    logprobs: Annotated[bool, typer.Option("--logprobs", help="Record token ids and per-token log-probs (api: the server's log-probs, no ids).")] = SampleConfig.logprobs,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call.")] = SampleConfig.batch_size,
     format: FormatOpt = SampleConfig.format,
     output: OutputOpt = SampleConfig.output,
@@ -80,6 +98,11 @@ def command(
     device: DeviceOpt = SampleConfig.device,
     dtype: DtypeOpt = SampleConfig.dtype,
     trust_remote_code: TrustOpt = SampleConfig.trust_remote_code,
+    base_url: ModelBaseUrlOpt = API.base_url,
+    api_key_env: ModelApiKeyEnvOpt = API.api_key_env,
+    concurrency: ModelConcurrencyOpt = API.concurrency,
+    prices: ModelPricesOpt = API.prices,
+    max_cost: ModelMaxCostOpt = API.max_cost,
     config: ConfigOpt = None,
 ) -> None:
     """Sample K completions per prompt; one JSONL row per prompt on stdout (or --output FILE).
@@ -87,6 +110,11 @@ def command(
     Output row: the input fields + id, completions (K strings), finish_reasons ("stop" | "length"),
     completion_tokens, prompt_tokens, sampling {model, temperature, top_p, top_k, max_new_tokens,
     seed, n, stop}; with --logprobs also completion_token_ids and logprobs.
+
+    --model api:MODEL asks an OpenAI-compatible server (--base-url; the key from $OPENAI_API_KEY or
+    --api-key-env): rows as above plus sampling.base_url, no completion_token_ids. Exit codes: 0
+    done, 2 bad input, 3 stopped at --max-cost (finished rows kept; --resume continues). --config
+    FILE also sets max-retries and timeout (seconds per request).
 
     Examples:
 
@@ -97,6 +125,10 @@ def command(
       rlhf sample prompts.jsonl --config sample.yaml -t 0.7 > samples.jsonl   # a flag beats the file
 
       echo '{"prompt": "2+2="}' | rlhf sample - --model sft/ --temperature 0
+
+      rlhf sample prompts.jsonl --model api:gpt-4o-mini -n 4 --max-cost 1 -o samples.jsonl --resume
+
+      rlhf sample prompts.jsonl --model api:smollm2 --base-url http://127.0.0.1:8080/v1 > samples.jsonl
     """
     refuse_extra_args(ctx)
     run(from_cli(SampleConfig, ctx, {**locals(), "stop": tuple(stop or ())}, config))
@@ -136,6 +168,12 @@ def run(cfg: SampleConfig) -> int:
     todo = [r for r in rows if r.id not in skip]
     if skip:
         info(f"resume: {len(rows) - len(todo)} of {len(rows)} prompts already in {cfg.output}")
+    if spec.kind == "api":
+        sampler = api_sampler(cfg)  # key, URL and prices checked; nothing sent yet
+        try:
+            return run_api(cfg, todo, sampler) if todo else 0
+        finally:
+            sampler.close()
     if not todo:
         return 0
 
@@ -182,4 +220,66 @@ def run(cfg: SampleConfig) -> int:
                 new_tokens += sum(len(c.token_ids) for c in comps)
             sink.sync()
             bar.update(task, advance=len(batch), stats=f"{new_tokens:,} new tokens")
+    return written
+
+
+# ---------------------------------------------------------------------------------- --model api:MODEL
+
+
+def api_sampler(cfg: SampleConfig) -> Any:
+    from rlhf_cli.api_generation import ApiSampler
+    from rlhf_cli.console import warn
+
+    if cfg.device != SampleConfig.device or cfg.dtype != SampleConfig.dtype:
+        warn("--device and --dtype do nothing for an api: model (the server decides)")
+    hint = f"finished rows are in {cfg.output}: rerun with --resume to continue" if cfg.output != "-" else "write to -o FILE to be able to --resume"
+    sampler = ApiSampler(cfg.model, cfg.api, cfg.seed, rerun_hint=hint)
+    sampler.check(cfg.top_k)
+    return sampler
+
+
+def run_api(cfg: SampleConfig, todo: list[Any], sampler: Any) -> int:
+    """The api engine: the same rows, from requests in flight --concurrency at a time; -> rows written."""
+    from rlhf_cli.api_client import ApiStopped
+    from rlhf_cli.data.jsonl import JsonlSink
+    from rlhf_cli.metrics import progress_bar
+
+    # 1. what each request sends: the row's messages, the prompt as one user turn, or (--format raw) the text
+    prompts: list[Any] = []
+    for r in todo:
+        if r.messages is not None or cfg.format == "chat":
+            prompts.append([dict(m) for m in r.messages] if r.messages is not None else [{"role": "user", "content": r.prompt}])
+        elif not r.prompt:
+            raise RlhfError(f"{r.where}: the prompt is empty", "give some prompt text or use --format chat")
+        else:
+            prompts.append(r.prompt)
+    sampling = {"model": cfg.model, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "n": cfg.n, "stop": list(cfg.stop), "base_url": sampler.base_url}
+
+    # 2. rows in input order as answers come in (rows after a gap wait for it)
+    written = new_tokens = 0
+    with JsonlSink(cfg.output, append=cfg.resume) as sink, progress_bar(True) as bar:
+        task = bar.add_task("sample", total=len(todo), stats="")
+        answers = sampler.sample(prompts, [str(r.id) for r in todo], n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 top_k=cfg.top_k, max_tokens=cfg.max_new_tokens, stop=cfg.stop, seed=cfg.seed, logprobs=cfg.logprobs)
+        for i, got in answers:
+            out = dict(todo[i].extra)
+            out["id"] = todo[i].id
+            out["completions"] = [c.text for c in got.completions]
+            out["finish_reasons"] = [c.finish_reason for c in got.completions]
+            out["completion_tokens"] = [c.tokens for c in got.completions]
+            out["prompt_tokens"] = got.prompt_tokens
+            out["sampling"] = sampling
+            if cfg.logprobs:
+                out["logprobs"] = [c.logprobs for c in got.completions]
+            sink.write(out)
+            sink.sync()
+            written += 1
+            new_tokens += sum(c.tokens or 0 for c in got.completions)
+            bar.update(task, advance=1, stats=f"{new_tokens:,} new tokens, ${sampler.api.n.spent:.4f}")
+
+    # 3. a budget stop: what is written stays, --resume asks only for the rest
+    if sampler.stopped:
+        raise ApiStopped(f"{sampler.stopped}: {written} of {len(todo)} prompts written",
+                         f"raise --max-cost and rerun with -o {cfg.output} --resume" if cfg.output != "-" else "write to -o FILE to be able to --resume")
     return written

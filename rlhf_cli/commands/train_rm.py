@@ -46,6 +46,8 @@ from rlhf_cli.options import (
     SaveEveryOpt,
     ScheduleOpt,
     SeedOpt,
+    ShardOffloadOpt,
+    ShardOpt,
     TrustOpt,
     WarmupOpt,
     WeightDecayOpt,
@@ -114,6 +116,8 @@ def command(
     dtype: DtypeOpt = TRAIN.dtype,
     device: DeviceOpt = TRAIN.device,
     gradient_checkpointing: GradCkptOpt = TRAIN.gradient_checkpointing,
+    shard: ShardOpt = TRAIN.shard,
+    shard_offload: ShardOffloadOpt = TRAIN.shard_offload,
     lora_r: LoraOpt = TRAIN.lora_r,
     lora_alpha: LoraAlphaOpt = TRAIN.lora_alpha,
     trust_remote_code: TrustOpt = TRAIN.trust_remote_code,
@@ -293,9 +297,11 @@ def evaluate(step_fn: StepFn, fwd: Any, mbs: list[Any], dist: Any, device: str) 
     """Held-out loss, accuracy (r_chosen > r_rejected) and mean margin, sharded over processes."""
     import torch
 
+    from rlhf_cli.sharding import full_params
+
     sums = Sums()
     fwd.eval()
-    with torch.no_grad():
+    with torch.no_grad(), full_params(fwd):  # --shard full: ranks may hold different numbers of batches
         for mb in mbs[dist.rank :: dist.world]:
             step_fn(fwd, mb, sums)
     fwd.train()
@@ -307,10 +313,12 @@ def training_reward_stats(cfg: RmConfig, step_fn: StepFn, fwd: Any, train: list[
     """Reward mean/std over (a seeded sample of at most STATS_ROWS) training rows, every completion."""
     import torch
 
+    from rlhf_cli.sharding import full_params
+
     pool = random.Random(f"{cfg.train.seed}:stats").sample(train, min(len(train), STATS_ROWS))
     sums = Sums()
     fwd.eval()
-    with torch.no_grad():
+    with torch.no_grad(), full_params(fwd):
         for i in range(dist.rank * cfg.batch_size, len(pool), cfg.batch_size * dist.world):
             step_fn(fwd, pool[i : i + cfg.batch_size], sums)
     stats = sums.reduce(device)

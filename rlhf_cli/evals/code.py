@@ -4,6 +4,7 @@
     rlhf eval code HumanEval.jsonl.gz --completions samples.jsonl --allow-code-exec
     rlhf eval code HumanEval.jsonl.gz --canonical --allow-code-exec               # sandbox self-check: 1.0
     rlhf eval code probs.jsonl --field prompt=question --field test=tests -m base/ -m sft/ --allow-code-exec
+    rlhf eval code HumanEval.jsonl.gz -m api:qwen-coder --base-url http://127.0.0.1:8000/v1 -n 10 --allow-code-exec
 
 Problems: the HumanEval layout {"task_id", "prompt", "entry_point", "test"} (JSONL or .jsonl.gz), or any
 JSONL mapped with --field NAME=COLUMN. Candidates come from a model (`-m`), from files (`--completions`:
@@ -17,6 +18,9 @@ models): the user turn asks for the function and shows the prompt in a ```python
 first ```python / ```py / bare ``` block (else the whole reply) is the code, and the completion is
 "\\n" + that code, so a full redefinition of the function after the prompt's docstring-only stub is
 what runs. Generation stops at the end of the turn (no stop strings unless --stop).
+
+`-m api:MODEL` asks an OpenAI-compatible server (rlhf_cli/api_generation.py; the request timeout is
+the --config key `api-timeout`, as --timeout is each program's); a --max-cost stop exits 3, nothing scored.
 
 pass@k is the unbiased estimator of Chen et al. 2021 (eq. 1), per problem, then the mean over problems.
 
@@ -33,12 +37,24 @@ from typing import Annotated, Any, ClassVar, NamedTuple
 
 import typer
 
+from rlhf_cli.api_client import ApiOptions
 from rlhf_cli.config import check, from_cli
 from rlhf_cli.data.jsonl import read_jsonl
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, parse_fields
 from rlhf_cli.evals.sandbox import Sandbox, run_programs
-from rlhf_cli.options import ConfigOpt, DeviceOpt, DtypeOpt, SeedOpt, TrustOpt
+from rlhf_cli.options import (
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelApiKeyEnvOpt,
+    ModelBaseUrlOpt,
+    ModelConcurrencyOpt,
+    ModelMaxCostOpt,
+    ModelPricesOpt,
+    SeedOpt,
+    TrustOpt,
+)
 
 # Chen et al. 2021, sec. 3.3: "we sample tokens from Codex until we encounter one of the following stop
 # sequences: '\nclass', '\ndef', '\n#', '\nif', or '\nprint'" (lm-evaluation-harness humaneval.yaml too).
@@ -47,6 +63,7 @@ FIELDS = ("task_id", "prompt", "entry_point", "test")
 RISK = ("--allow-code-exec runs model-written Python on this machine. The sandbox (rlimits, no network, "
         "a throwaway directory, an unprivileged uid when root) lowers the risk but is not a security "
         "boundary: run it in a container or VM you can throw away, as human-eval's README asks.")
+API = ApiOptions()
 
 
 @dataclass(frozen=True)
@@ -75,14 +92,27 @@ class CodeConfig:
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
+    # -m api:MODEL only: ApiOptions, flat because `timeout` is each program's here
+    base_url: str | None = API.base_url
+    api_key_env: str = API.api_key_env
+    concurrency: int = API.concurrency
+    prices: str | None = API.prices
+    max_cost: float | None = API.max_cost
+    max_retries: int = API.max_retries
+    api_timeout: float = API.timeout  # seconds per request
 
     COMMAND: ClassVar[str] = "eval code"
     FLAGS: ClassVar[dict[str, str]] = {"n": "-n", "ks": "--k", "models": "--model", "fields": "--field"}
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"max_retries", "api_timeout"})
     LIMITS: ClassVar[dict[str, Any]] = {
         "n": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "max_new_tokens": ">= 1", "batch_size": ">= 1",
         "format": ("chat", "raw"), "timeout": "> 0", "memory_mb": ">= 64", "workers": ">= 1", "limit": ">= 1",
-        "dtype": ("fp32", "bf16"),
+        "dtype": ("fp32", "bf16"), **ApiOptions.LIMITS, "api_timeout": "> 0",
     }
+
+    @property
+    def api(self) -> ApiOptions:
+        return ApiOptions(self.base_url, self.api_key_env, self.concurrency, self.max_retries, self.api_timeout, self.prices, self.max_cost)
 
 
 def command(
@@ -111,6 +141,11 @@ def command(
     device: DeviceOpt = CodeConfig.device,
     dtype: DtypeOpt = CodeConfig.dtype,
     trust_remote_code: TrustOpt = CodeConfig.trust_remote_code,
+    base_url: ModelBaseUrlOpt = API.base_url,
+    api_key_env: ModelApiKeyEnvOpt = API.api_key_env,
+    concurrency: ModelConcurrencyOpt = API.concurrency,
+    prices: ModelPricesOpt = API.prices,
+    max_cost: ModelMaxCostOpt = API.max_cost,
     config: ConfigOpt = None,
 ) -> None:
     """pass@k of generated (or given) code, each candidate run in a sandboxed subprocess.
@@ -119,7 +154,8 @@ def command(
     "samples_per_problem", "outcomes": {"passed", "failed", "timeout", "error"}, "sandbox"}]} and a
     table on stderr; --log-samples writes one row per candidate (task_id, sample, output: the
     completion or chat reply, extracted: the code run from a chat reply, outcome, error). Refuses to
-    run anything without --allow-code-exec.
+    run anything without --allow-code-exec. -m api:MODEL generates on an OpenAI-compatible server
+    (--base-url; exit 3 at --max-cost, nothing scored; --config sets max-retries and api-timeout).
 
     Examples:
 
@@ -130,6 +166,8 @@ def command(
       rlhf eval code HumanEval.jsonl.gz -m HuggingFaceTB/SmolLM2-135M-Instruct --format chat --allow-code-exec
 
       rlhf eval code HumanEval.jsonl.gz --canonical --allow-code-exec
+
+      rlhf eval code HumanEval.jsonl.gz -m api:gpt-4o-mini --format chat -n 5 -t 0.8 --max-cost 2 --allow-code-exec
     """
     params = {**locals(), "models": tuple(models or ()), "completions": tuple(completions or ()), "ks": tuple(ks or ()),
               "stop": tuple(stop) if stop else None, "fields": tuple(fields or ())}
@@ -291,6 +329,7 @@ def validate(cfg: CodeConfig) -> dict[str, str]:
 
 
 def run(cfg: CodeConfig) -> list[EvalResult]:
+    from rlhf_cli.api_generation import api_samplers
     from rlhf_cli.evals.base import report
     from rlhf_cli.models.loading import parse_model_spec
 
@@ -305,6 +344,7 @@ def run(cfg: CodeConfig) -> list[EvalResult]:
     for m in cfg.models:
         parse_model_spec(m)
     box = Sandbox(timeout=cfg.timeout, memory_mb=cfg.memory_mb)
+    samplers = api_samplers(cfg.models, cfg.api, cfg.seed)  # api: models checked (key, URL, prices), nothing sent
 
     # 2. candidates per source, then 3. execute and score
     sources: list[tuple[str, dict[str, list[str]], dict[str, list[str]]]] = []
@@ -314,38 +354,56 @@ def run(cfg: CodeConfig) -> list[EvalResult]:
     results = []
     for label, cands, reasons in sources:
         results.append(score(label, problems, cands, cfg, box, reasons))
-    for m in cfg.models:
-        cands, reasons = generate_candidates(cfg, m, problems)
-        results.append(score(m, problems, cands, cfg, box, reasons, chat=cfg.format == "chat"))
+    try:
+        for m in cfg.models:
+            cands, reasons = generate_candidates(cfg, m, problems, samplers.get(m))
+            results.append(score(m, problems, cands, cfg, box, reasons, chat=cfg.format == "chat"))
+    finally:
+        for sampler in samplers.values():
+            sampler.close()
     report(results, cfg.problems, cfg.log_samples, cfg.plot)
     return results
 
 
-def generate_candidates(cfg: CodeConfig, model_spec: str, problems: list[Problem]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """n completions (raw) or replies (chat) per problem from the model, each cut at the first stop string."""
-    from rlhf_cli import runtime
-    from rlhf_cli.data.records import render_prompt
-    from rlhf_cli.generation import SamplingParams, batch_seed, generate
+def generate_candidates(cfg: CodeConfig, model_spec: str, problems: list[Problem],
+                        sampler: Any = None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """n completions (raw) or replies (chat) per problem from the model (`sampler` for an api: model),
+    each cut at the first stop string."""
     from rlhf_cli.metrics import progress_bar
-    from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
 
-    spec = parse_model_spec(model_spec)
-    tok = load_tokenizer(spec, cfg.trust_remote_code)
     chat = cfg.format == "chat"
-    prompts = [render_prompt(tok, chat_request(p.prompt) if chat else p.prompt, None, cfg.format) for p in problems]
-    device = runtime.pick_device(cfg.device)
-    model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
     temperature = cfg.temperature if cfg.temperature is not None else (0.2 if cfg.n > 1 else 0.0)
+    top_p = cfg.top_p if temperature > 0 else 1.0
     stop = cfg.stop if cfg.stop is not None else (() if chat else CODEX_STOP)  # "\\ndef" would cut a reply's code
-    params = SamplingParams(cfg.n, temperature, cfg.top_p if temperature > 0 else 1.0, 0, cfg.max_new_tokens, cfg.seed, stop)
     cands: dict[str, list[str]] = {}
     reasons: dict[str, list[str]] = {}
     with progress_bar(True) as bar:
         task = bar.add_task(f"generate {model_spec}", total=len(problems), stats="")
+        if sampler is not None:
+            prompts = [[{"role": "user", "content": chat_request(p.prompt)}] if chat else p.prompt for p in problems]
+            got = sampler.sample_all(prompts, [p.task_id for p in problems], n=cfg.n, temperature=temperature, top_p=top_p,
+                                     max_tokens=cfg.max_new_tokens, stop=stop, seed=cfg.seed)
+            for i, sampled in got:
+                cands[problems[i].task_id] = [c.text for c in sampled.completions]
+                reasons[problems[i].task_id] = [c.finish_reason for c in sampled.completions]
+                bar.update(task, advance=1)
+            return cands, reasons
+
+        from rlhf_cli import runtime
+        from rlhf_cli.data.records import render_prompt
+        from rlhf_cli.generation import SamplingParams, batch_seed, generate
+        from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
+
+        spec = parse_model_spec(model_spec)
+        tok = load_tokenizer(spec, cfg.trust_remote_code)
+        ids = [render_prompt(tok, chat_request(p.prompt) if chat else p.prompt, None, cfg.format) for p in problems]
+        device = runtime.pick_device(cfg.device)
+        model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
+        params = SamplingParams(cfg.n, temperature, top_p, 0, cfg.max_new_tokens, cfg.seed, stop)
         for b in range(0, len(problems), cfg.batch_size):
             batch = problems[b : b + cfg.batch_size]
             seed = batch_seed(cfg.seed, [p.task_id for p in batch])
-            for p, comps in zip(batch, generate(model, tok, prompts[b : b + cfg.batch_size], params, device, seed), strict=True):
+            for p, comps in zip(batch, generate(model, tok, ids[b : b + cfg.batch_size], params, device, seed), strict=True):
                 cands[p.task_id] = [c.text for c in comps]
                 reasons[p.task_id] = [c.finish_reason for c in comps]
             bar.update(task, advance=len(batch))

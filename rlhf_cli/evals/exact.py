@@ -6,6 +6,7 @@ Reads GSM8K rows `{"question", "answer": "... #### 72"}` directly, our prompt ro
     rlhf eval exact gsm8k/test.jsonl -m sft/ --shots 8 --fewshot gsm8k/train.jsonl
     rlhf eval exact test.jsonl -m base/ -m sft/ -m ppo/ --extract exact --max-new-tokens 8 --plot toy.png
     rlhf eval exact gsm8k/test.jsonl -m sft/ -n 8 --temperature 0.7        # majority vote over 8 samples
+    rlhf eval exact gsm8k/test.jsonl -m api:qwen --base-url http://127.0.0.1:8000/v1 --format chat
 
 Prompt (raw format, lm-evaluation-harness's `gsm8k` task): k solved examples then the question, each
 "Question: {question}\\nAnswer: {answer}" joined by a blank line, ending in "Answer:"; generation stops
@@ -19,22 +20,41 @@ Extraction (`--extract`): `gsm8k` (the `#### N` line, else the last number), `st
 (lm-eval's two gsm8k filters with its own regular expressions: the first "#### N", or the last
 number-like run), `last-number`, `regex:PATTERN` (group 1 if any), `exact` (the whole answer, normalised). Numbers compare as numbers (1,000 == 1000.0; lm-eval compares
 strings after dropping "$", "," and a final ".", so "18.00" != "18" there: rare in practice).
+
+`-m api:MODEL` asks an OpenAI-compatible server (rlhf_cli/api_generation.py): raw prompts go to
+/completions, chat turns to /chat/completions, one request per question (seeded by its id) with
+--concurrency in flight; a --max-cost stop exits 3 with nothing scored.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar
 
 import typer
 
+from rlhf_cli.api_client import ApiOptions
 from rlhf_cli.config import from_cli
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, mean_stderr, parse_fields
-from rlhf_cli.options import ConfigOpt, DeviceOpt, DtypeOpt, FormatOpt, SeedOpt, TrustOpt, deprecated
+from rlhf_cli.options import (
+    ConfigOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    ModelApiKeyEnvOpt,
+    ModelBaseUrlOpt,
+    ModelConcurrencyOpt,
+    ModelMaxCostOpt,
+    ModelPricesOpt,
+    SeedOpt,
+    TrustOpt,
+    deprecated,
+)
 
 FIELDS = ("question", "answer", "id")
 STOP = ("Question:", "</s>", "<|im_end|>")  # lm-eval gsm8k's `until`, for the raw format
@@ -43,6 +63,7 @@ TEMPLATES = {"raw": "Question: {question}\nAnswer:", "chat": "{question}"}  # lm
 # the last number-like run; both then ignore "$", "," and a final "." when comparing.
 _STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 _FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+API = ApiOptions()
 
 
 @dataclass(frozen=True)
@@ -67,9 +88,11 @@ class ExactConfig:
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
+    api: ApiOptions = API  # -m api:MODEL only; max_retries and timeout from --config
 
     COMMAND: ClassVar[str] = "eval exact"
     FLAGS: ClassVar[dict[str, str]] = {"n": "-n", "models": "--model", "fields": "--field"}
+    CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"max_retries", "timeout"})
     LIMITS: ClassVar[dict[str, Any]] = {
         "shots": ">= 0", "format": ("chat", "raw"), "n": ">= 1", "temperature": ">= 0", "max_new_tokens": ">= 1",
         "batch_size": ">= 1", "limit": ">= 1", "dtype": ("fp32", "bf16", "fp16"),
@@ -106,6 +129,11 @@ def command(
     device: DeviceOpt = ExactConfig.device,
     dtype: DtypeOpt = ExactConfig.dtype,
     trust_remote_code: TrustOpt = ExactConfig.trust_remote_code,
+    base_url: ModelBaseUrlOpt = API.base_url,
+    api_key_env: ModelApiKeyEnvOpt = API.api_key_env,
+    concurrency: ModelConcurrencyOpt = API.concurrency,
+    prices: ModelPricesOpt = API.prices,
+    max_cost: ModelMaxCostOpt = API.max_cost,
     config: ConfigOpt = None,
     deprecated_template: Annotated[str | None, typer.Option("--template", hidden=True, help="Deprecated spelling of --question-template.")] = None,
 ) -> None:
@@ -113,7 +141,8 @@ def command(
 
     Prints one JSON line {"kind": "exact", "results": [{"model", "n", "exact_match", "exact_match_stderr",
     ...}]} and a table on stderr. With -n > 1: majority vote ("exact_match") and the mean accuracy of
-    single samples ("sample_accuracy").
+    single samples ("sample_accuracy"). -m api:MODEL generates on an OpenAI-compatible server
+    (--base-url; exit 3 at --max-cost, nothing scored).
 
     Examples:
 
@@ -126,6 +155,8 @@ def command(
       rlhf eval exact gsm8k/test.jsonl -m sft/ --format chat --question-template 'Question: {question}\\\\nAnswer:'
 
       rlhf eval exact gsm8k/test.jsonl -m sft/ --config gsm8k.yaml   # shots, fewshot, extract ...
+
+      rlhf eval exact gsm8k/test.jsonl -m api:gpt-4o-mini --format chat --max-cost 1 --limit 200
     """
     params = {**locals(), "models": tuple(models or ()), "stop": tuple(stop) if stop else None, "fields": tuple(fields or ())}
     fixed = {"question_template": deprecated("--template", "--question-template", deprecated_template)} if deprecated_template else {}
@@ -270,7 +301,9 @@ def validate(cfg: ExactConfig) -> dict[str, str]:
 
 
 def run(cfg: ExactConfig) -> list[EvalResult]:
+    from rlhf_cli.api_generation import api_samplers
     from rlhf_cli.evals.base import report
+    from rlhf_cli.models.loading import parse_model_spec
 
     # 1. everything cheap first: options, extraction rule, data, shots
     fields = validate(cfg)
@@ -281,48 +314,44 @@ def run(cfg: ExactConfig) -> list[EvalResult]:
         raise RlhfError(f"{cfg.fewshot}: {len(shots)} rows, fewer than --shots {cfg.shots}")
     template = cfg.question_template.replace("\\n", "\n") if cfg.question_template else None  # a typed \\n is a newline
     prompts = [build_prompt(p.question, shots, cfg.format, template) for p in problems]
+    for m in cfg.models:
+        parse_model_spec(m)
+    samplers = api_samplers(cfg.models, cfg.api, cfg.seed)  # api: models checked (key, URL, prices) before any model runs
 
     # 2. each model in turn
-    results = [evaluate(cfg, model, problems, prompts, extract) for model in cfg.models]
+    try:
+        results = [evaluate(cfg, model, problems, prompts, extract, samplers.get(model)) for model in cfg.models]
+    finally:
+        for sampler in samplers.values():
+            sampler.close()
     report(results, cfg.data, cfg.log_samples, cfg.plot)
     return results
 
 
-def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts: list[Any], extract: Any) -> EvalResult:
-    from rlhf_cli import runtime
-    from rlhf_cli.data.records import render_prompt
-    from rlhf_cli.generation import SamplingParams, batch_seed, generate
+def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts: list[Any], extract: Any,
+             sampler: Any = None) -> EvalResult:
+    """Score one model: `sampler` (an ApiSampler) for an api: model, else the model is loaded here."""
     from rlhf_cli.metrics import progress_bar
-    from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
 
-    spec = parse_model_spec(model_spec)
-    tok = load_tokenizer(spec, cfg.trust_remote_code)
-    device = runtime.pick_device(cfg.device)
-    model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
     stop = cfg.stop if cfg.stop is not None else (STOP if cfg.format == "raw" else ())
-    params = SamplingParams(cfg.n, cfg.temperature, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop)
-    ids = [render_prompt(tok, p, None, "raw") if isinstance(p, str) else render_prompt(tok, None, p, "chat") for p in prompts]
-
+    answers = _api_answers(cfg, sampler, problems, prompts, stop) if sampler else _local_answers(cfg, model_spec, problems, prompts, stop)
     votes: list[float] = []
     singles: list[float] = []
     samples: list[dict[str, Any]] = []
     with progress_bar(True) as bar:
         task = bar.add_task(f"exact {model_spec}", total=len(problems), stats="")
-        for b in range(0, len(problems), cfg.batch_size):
-            batch = problems[b : b + cfg.batch_size]
-            seed = batch_seed(cfg.seed, [str(p.id) for p in batch])
-            for p, prompt, comps in zip(batch, prompts[b : b + cfg.batch_size], generate(model, tok, ids[b : b + cfg.batch_size], params, device, seed), strict=True):
-                outputs = [c.text.strip() for c in comps]
-                answers = [extract(o) for o in outputs]
-                voted = majority(answers)
-                score = float(is_correct(voted, p.target))
-                votes.append(score)
-                singles.extend(float(is_correct(a, p.target)) for a in answers)
-                samples.append({"id": p.id, "input": prompt, "output": outputs[0] if cfg.n == 1 else outputs,
-                                "extracted": voted if cfg.n == 1 else {"votes": answers, "majority": voted},
-                                "target": p.target, "score": score})
-            done = sum(votes)
-            bar.update(task, advance=len(batch), stats=f"exact match {done / len(votes):.3f}")
+        for i, texts in answers:
+            p, prompt = problems[i], prompts[i]
+            outputs = [t.strip() for t in texts]
+            found = [extract(o) for o in outputs]
+            voted = majority(found)
+            score = float(is_correct(voted, p.target))
+            votes.append(score)
+            singles.extend(float(is_correct(a, p.target)) for a in found)
+            samples.append({"id": p.id, "input": prompt, "output": outputs[0] if cfg.n == 1 else outputs,
+                            "extracted": voted if cfg.n == 1 else {"votes": found, "majority": voted},
+                            "target": p.target, "score": score})
+            bar.update(task, advance=1, stats=f"exact match {sum(votes) / len(votes):.3f}")
     em, em_se = mean_stderr(votes)
     metrics = {"exact_match": em, "exact_match_stderr": em_se}
     if cfg.n > 1:
@@ -330,3 +359,33 @@ def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts
         metrics.update({"sample_accuracy": acc, "sample_accuracy_stderr": acc_se})
     return EvalResult("exact", model_spec, metrics, len(problems), "exact_match", samples,
                       {"shots": cfg.shots, "extract": cfg.extract, "samples_per_question": cfg.n})
+
+
+def _local_answers(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts: list[Any],
+                   stop: tuple[str, ...]) -> Iterator[tuple[int, list[str]]]:
+    """(question index, n texts) from a local model, batch by batch, each batch seeded by its ids."""
+    from rlhf_cli import runtime
+    from rlhf_cli.data.records import render_prompt
+    from rlhf_cli.generation import SamplingParams, batch_seed, generate
+    from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
+
+    spec = parse_model_spec(model_spec)
+    tok = load_tokenizer(spec, cfg.trust_remote_code)
+    device = runtime.pick_device(cfg.device)
+    model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
+    params = SamplingParams(cfg.n, cfg.temperature, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop)
+    ids = [render_prompt(tok, p, None, "raw") if isinstance(p, str) else render_prompt(tok, None, p, "chat") for p in prompts]
+    for b in range(0, len(problems), cfg.batch_size):
+        batch = problems[b : b + cfg.batch_size]
+        seed = batch_seed(cfg.seed, [str(p.id) for p in batch])
+        for k, comps in enumerate(generate(model, tok, ids[b : b + cfg.batch_size], params, device, seed), start=b):
+            yield k, [c.text for c in comps]
+
+
+def _api_answers(cfg: ExactConfig, sampler: Any, problems: list[Problem], prompts: list[Any],
+                 stop: tuple[str, ...]) -> Iterator[tuple[int, list[str]]]:
+    """(question index, n texts) from an api: model, in question order."""
+    got = sampler.sample_all(prompts, [str(p.id) for p in problems], n=cfg.n, temperature=cfg.temperature,
+                             max_tokens=cfg.max_new_tokens, stop=stop, seed=cfg.seed)
+    for i, sampled in got:
+        yield i, [c.text for c in sampled.completions]

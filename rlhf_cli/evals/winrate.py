@@ -4,7 +4,10 @@ Inputs, matched by instruction text (read by rlhf_cli/evals/alpaca_data.py):
   * candidates: AlpacaEval `model_outputs.json` (a JSON array of {"instruction", "output", "generator",
     "dataset"}), JSONL with the same fields, `rlhf sample` rows ({"prompt", "completions": [first, ...]}),
     or any JSONL with `--field instruction=COL --field output=COL`; or `-m MODEL` generates them from the
-    reference's instructions (chat template, greedy by default);
+    reference's instructions (chat template, greedy by default); `-m api:MODEL` asks an OpenAI-compatible
+    server through the judge's client options (--base-url, --api-key-env, --concurrency, --prices,
+    --max-cost: one budget for generating and judging); for a policy and a judge on different
+    servers, `rlhf sample` the outputs first and pass the file;
   * `--reference FILE`: the same layouts (AlpacaEval 2's reference is gpt4_1106_preview's model_outputs.json);
   * or `--annotations FILE`: AlpacaEval annotations.json ({"instruction", "output_1" (the reference),
     "output_2" (the model), "generator_2", "preference" in [1, 2]}), scored without calling a judge.
@@ -202,18 +205,25 @@ def run(cfg: WinrateConfig, judge: Any = None) -> list[EvalResult]:
         for m in cfg.models:
             parse_model_spec(m)
 
-    # 2. the judge (a missing API key fails here, before any generation), then each -m model in turn
+    # 2. the judge and the api: models (a missing API key fails here, before any generation), then each -m in turn
+    from rlhf_cli.api_client import Budget
+    from rlhf_cli.api_generation import api_samplers
     from rlhf_cli.judges import build_judge
 
     judge = judge or build_judge(cfg.judge, cfg.judge_options)  # type: ignore[arg-type]
+    samplers: dict[str, Any] = {}
     try:
+        shared = getattr(judge, "budget", None)  # an api judge's: one --max-cost for generating and judging
+        samplers = api_samplers(cfg.models, _api_options(cfg.judge_options), cfg.seed, shared if isinstance(shared, Budget) else None)
         for m in cfg.models:
-            sets.append((m, _ref_pairs(refs, generate_outputs(m, [r.instruction for r in refs], cfg), m)))
+            sets.append((m, _ref_pairs(refs, generate_outputs(m, [r.instruction for r in refs], cfg, samplers.get(m)), m)))
 
         # 3. judge every set in one stream (an api judge keeps --concurrency requests in flight across sets)
         judged, stopped = judge_sets(judge, [pairs for _, pairs in sets], cfg)
         desc = judge.describe()
     finally:
+        for sampler in samplers.values():
+            sampler.close()
         close = getattr(judge, "close", None)
         if close is not None:
             close()
@@ -267,30 +277,46 @@ def _mean(xs: Sequence[float]) -> float:
 # ---------------------------------------------------------------------------------- generating and judging
 
 
-def generate_outputs(spec_str: str, instructions: list[str], cfg: WinrateConfig) -> list[str]:
-    """One output per instruction from MODEL: chat template, batched, seeded per batch (as `rlhf sample`)."""
-    from rlhf_cli import runtime
-    from rlhf_cli.data.records import render_prompt
-    from rlhf_cli.generation import SamplingParams, batch_seed, generate
-    from rlhf_cli.metrics import progress_bar
-    from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
+def _api_options(opts: JudgeOptions) -> Any:
+    from rlhf_cli.api_client import ApiOptions
 
-    opts = cfg.judge_options  # --batch-size, --device, --dtype serve the judge and -m alike
-    spec = parse_model_spec(spec_str)
-    tok = load_tokenizer(spec, opts.trust_remote_code)
-    device = runtime.pick_device(opts.device)
-    model = load_model(spec, tok, opts.dtype, opts.trust_remote_code).to(device).eval()
-    params = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    prompts = [render_prompt(tok, ins, None, "chat") for ins in instructions]
+    return ApiOptions(opts.base_url, opts.api_key_env, opts.concurrency, opts.max_retries, opts.timeout, opts.prices, opts.max_cost)
+
+
+def generate_outputs(spec_str: str, instructions: list[str], cfg: WinrateConfig, sampler: Any = None) -> list[str]:
+    """One output per instruction from MODEL: chat template, batched, seeded per batch (as `rlhf sample`);
+    `sampler` (an ApiSampler) for an api: model, seeded per instruction."""
+    from rlhf_cli.metrics import progress_bar
+
     texts: list[str] = []
     with progress_bar(True) as bar:
-        task = bar.add_task(f"generate {spec_str}", total=len(prompts), stats="")
+        task = bar.add_task(f"generate {spec_str}", total=len(instructions), stats="")
+        if sampler is not None:
+            got = sampler.sample_all([[{"role": "user", "content": ins}] for ins in instructions], [str(k) for k in range(len(instructions))],
+                                     n=1, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+            for _, sampled in got:
+                texts.append(sampled.completions[0].text)
+                bar.update(task, advance=1)
+            return texts
+
+        from rlhf_cli import runtime
+        from rlhf_cli.data.records import render_prompt
+        from rlhf_cli.generation import SamplingParams, batch_seed, generate
+        from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
+
+        opts = cfg.judge_options  # --batch-size, --device, --dtype serve the judge and -m alike
+        spec = parse_model_spec(spec_str)
+        tok = load_tokenizer(spec, opts.trust_remote_code)
+        device = runtime.pick_device(opts.device)
+        model = load_model(spec, tok, opts.dtype, opts.trust_remote_code).to(device).eval()
+        params = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        prompts = [render_prompt(tok, ins, None, "chat") for ins in instructions]
         for b in range(0, len(prompts), opts.batch_size):
             chunk = prompts[b : b + opts.batch_size]
             seed = batch_seed(cfg.seed, [str(k) for k in range(b, b + len(chunk))])
             texts += [comps[0].text for comps in generate(model, tok, chunk, params, device, seed)]
             bar.update(task, advance=len(chunk))
-    del model
+        del model
     return texts
 
 

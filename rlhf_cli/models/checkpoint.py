@@ -87,11 +87,17 @@ def check_out_dir(out: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temp directory beside `out`; on success it replaces `out`, on failure it is removed."""
+def atomic_dir(out: str | Path, owner: bool = True, fixed: bool = False) -> Iterator[Path]:
+    """Yield a temp directory beside `out`; on success it replaces `out`, on failure it is removed.
+
+    Several processes writing one directory (sharded resume state): `fixed` names the temp
+    directory without a pid so all of them find it, and only the `owner` makes, renames or removes it."""
     out = Path(out)
+    tmp = out.parent / (f".{out.name}.tmp" if fixed else f".{out.name}.tmp-{os.getpid()}")
+    if not owner:
+        yield tmp
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -108,10 +114,16 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model: Any, tokenizer: Any, out: str | Path, manifest: dict[str, Any], extra: dict[str, bytes] | None = None) -> Path:
-    """Write model + tokenizer + manifest (+ extra files such as metrics.jsonl) atomically to `out`."""
+def save_checkpoint(model: Any, tokenizer: Any, out: str | Path, manifest: dict[str, Any], extra: dict[str, bytes] | None = None,
+                    state_dict: dict[str, Any] | None = None) -> Path:
+    """Write model + tokenizer + manifest (+ extra files such as metrics.jsonl) atomically to `out`.
+
+    `state_dict`: the weights to write in place of the model's own (a sharded model's gathered state)."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if state_dict is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

@@ -4,6 +4,8 @@
     path/to/model.gguf                   dequantized to float on load; saving works afterwards
     path/to/hf_dir/                      a local Hugging Face directory (e.g. an `rlhf sft` checkpoint)
     org/name                             a hub id, via the standard `from_pretrained`
+    api:MODEL                            a model on an OpenAI-compatible server: generation only
+                                         (`sample`, `eval exact|code|winrate`; rlhf_cli/api_generation.py)
 
 `trust_remote_code` stays off unless the user asks for it.
 """
@@ -25,13 +27,17 @@ from rlhf_cli.models.builtin import BUILTIN_SIZES, CHATML_TEMPLATE
 class ModelSpec:
     """A parsed `--model` value."""
 
-    kind: str  # "builtin" | "gguf" | "dir" | "hub"
+    kind: str  # "builtin" | "gguf" | "dir" | "hub" | "api"
     value: str  # size name, file path, directory or hub id
     raw: str
 
 
 def parse_model_spec(spec: str) -> ModelSpec:
     """Classify a `--model` value without loading anything (so bad values fail fast)."""
+    if spec.startswith("api:"):
+        if not spec[4:].strip():
+            raise RlhfError(f"--model {spec!r} names no model", "e.g. --model api:gpt-4o-mini, with --base-url for a server other than OpenAI")
+        return ModelSpec("api", spec[4:], spec)
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name not in BUILTIN_SIZES:
@@ -53,7 +59,15 @@ def parse_model_spec(spec: str) -> ModelSpec:
     return ModelSpec("hub", spec, spec)
 
 
+def local_only(spec: ModelSpec) -> None:
+    """An api: model has no weights here: a command that needs them says so."""
+    if spec.kind == "api":
+        raise RlhfError(f"--model {spec.raw}: a model behind an API can only generate",
+                        "api: models work with `rlhf sample` and `rlhf eval exact|code|winrate`; this step needs local weights")
+
+
 def load_tokenizer(spec: ModelSpec, trust_remote_code: bool = False) -> Any:
+    local_only(spec)
     from transformers import AutoTokenizer
 
     quiet_libraries()  # tests and scripts reach here without cli.main
@@ -80,6 +94,7 @@ def ensure_chat_template(tok: Any) -> None:
 
 def load_model(spec: ModelSpec, tokenizer: Any, dtype: str = "fp32", trust_remote_code: bool = False) -> Any:
     """Load the model in `dtype` ("fp32" | "bf16" | "fp16") on the CPU; callers move it to a device."""
+    local_only(spec)
     import torch
     from transformers import AutoModelForCausalLM
 
