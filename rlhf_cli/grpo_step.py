@@ -114,6 +114,11 @@ def update(s: Session, cfg: GrpoConfig, b: GroupBatch, adv: torch.Tensor, mask: 
     chunk = mb // cfg.train.grad_accum
     beta = 0.0 if cfg.advantage == "reinforce++" else cfg.beta  # reinforce++ has its KL in the reward already
     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+    is_w = None  # --engine-logprobs: truncated importance weights for the engine's samples
+    if cfg.engine_logprobs and b.engine_logp is not None:
+        from rlhf_cli.losses.ppo import truncated_is_weight
+
+        is_w = truncated_is_weight(b.logp, b.engine_logp, mask, cfg.tis_cap)
     sums: dict[str, float] = {}
     steps = skipped = 0
     for _ in range(cfg.iterations):
@@ -141,7 +146,8 @@ def update(s: Session, cfg: GrpoConfig, b: GroupBatch, adv: torch.Tensor, mask: 
                     loss, st = L.policy_loss(logp, b.logp[c], adv[c], mask[c], loss_type=cfg.loss, clip_low=cfg.clip,
                                              clip_high=cfg.clip_high, importance=cfg.importance_sampling,
                                              ref_logp=None if ref_logp is None else ref_logp[c], beta=beta,
-                                             max_len=cfg.max_new_tokens, total_tokens=tokens, total_seqs=float(mb * world))
+                                             max_len=cfg.max_new_tokens, total_tokens=tokens, total_seqs=float(mb * world),
+                                             is_weight=None if is_w is None else is_w[c])
                     if not math.isfinite(loss.item()):
                         raise diverged(cfg, step, f"the loss is {loss.item()}")
                     (loss * world).backward()

@@ -58,6 +58,16 @@ RefShardOpt = Annotated[bool, typer.Option(
     "--ref-shard", help="With --shard full: split the frozen reference over the processes too, instead of a whole copy on each.",
     rich_help_panel=TRAIN)]
 ShardOffloadOpt = Annotated[bool, typer.Option("--shard-offload", help="With --shard full on CUDA: keep the shards in CPU memory.", rich_help_panel=TRAIN)]
+ENGINE_PANEL = "Generation engine"
+EngineOpt = Annotated[str, typer.Option(
+    "--engine", help="hf: our KV-cached sampler; vllm: in-process vLLM (pip install 'rlhf-cli[vllm]').", rich_help_panel=ENGINE_PANEL)]
+EngineMemoryOpt = Annotated[float, typer.Option(
+    "--engine-memory", help="vllm: its share of GPU memory (weights + KV cache); on CPU, a cap on its KV pool as a share of RAM.",
+    rich_help_panel=ENGINE_PANEL)]
+EngineLogprobsOpt = Annotated[bool, typer.Option(
+    "--engine-logprobs", help="vllm: weight each token's loss by min(p_trainer / p_engine, --tis-cap) (truncated importance sampling).",
+    rich_help_panel=ENGINE_PANEL)]
+TisCapOpt = Annotated[float, typer.Option("--tis-cap", help="The truncation of --engine-logprobs' importance weights.", rich_help_panel=ENGINE_PANEL)]
 FormatOpt = Annotated[
     str,
     typer.Option("--format", help="chat: prompts go through the chat template (ChatML if none). raw: plain text."),

@@ -49,6 +49,7 @@ class Rollout(NamedTuple):
     entropy: torch.Tensor  # (N, G) entropy of pi_old at each step
     has_eos: torch.Tensor  # (N,) bool: the response ended with EOS (else it hit max_new_tokens)
     completions: list[Completion]
+    engine_logp: torch.Tensor | None = None  # (N, G) the inference engine's log-probs, when an engine sampled
 
 
 class _Rows(NamedTuple):
@@ -107,22 +108,31 @@ def reference_logprobs(ref: nn.Module | None, policy: Any, temperature: float, b
 
 @torch.no_grad()
 def collect(pv: PolicyAndValue, ref: nn.Module | None, tok: Any, prompts: list[list[int]], params: SamplingParams,
-            seed: int, device: str, chunk: int, pad: int, offload: bool = False) -> Rollout:
+            seed: int, device: str, chunk: int, pad: int, offload: bool = False, engine: Any = None) -> Rollout:
     """Sample one response per prompt from the policy, keeping the sampler's own log-probs and entropy
     (the behaviour policy, at the sampling temperature: no second policy forward), then score every
-    token with the reference and the value model, `chunk` rollouts per forward.
+    token with the reference and the value model, `chunk` rollouts per forward. Samples an inference
+    `engine` drew get the trainer's own log-probs and entropy (one more forward); the engine's are kept apart.
     With `offload` the reference comes to `device` only after generation and leaves before training."""
-    comps = [c[0] for c in generate(pv.policy, tok, prompts, params, device, seed, track=True)]
+    if engine is not None:
+        comps = [c[0] for c in engine.generate(prompts, params, seed, logprobs=True)]
+    else:
+        comps = [c[0] for c in generate(pv.policy, tok, prompts, params, device, seed, track=True)]
     prompt_ids, prompt_mask = left_pad(prompts, pad, device)
     ids, mask, response, rmask = pad_responses(prompt_ids, prompt_mask, [c.token_ids for c in comps], pad)
     p, g = prompt_ids.shape[1], response.shape[1]
     logp = torch.tensor([(c.logprobs or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)  # (N, G)
-    ent = torch.tensor([(c.entropies or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)
+    engine_logp = None
+    if engine is not None:
+        engine_logp = logp * rmask
+        logp, ent = trainer_logprobs(pv.policy, _Rows(ids, mask, p, response, rmask), pv.temperature, chunk)
+    else:
+        ent = torch.tensor([(c.entropies or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)
     values = torch.cat([pv.values(ids[s : s + chunk], mask[s : s + chunk], p, g) for s in range(0, len(comps), chunk)]) * rmask
     with placed(ref, device, offload):
         ref_logp = reference_logprobs(ref, pv.policy, pv.temperature, _Rows(ids, mask, p, response, rmask), chunk)
     has_eos = torch.tensor([c.finish_reason == "stop" for c in comps], device=device)
-    return Rollout(ids, mask, p, response, rmask, logp, ref_logp, values, ent, has_eos, comps)
+    return Rollout(ids, mask, p, response, rmask, logp, ref_logp, values, ent, has_eos, comps, engine_logp)
 
 
 class GroupBatch(NamedTuple):
@@ -137,25 +147,62 @@ class GroupBatch(NamedTuple):
     entropy: torch.Tensor  # (N, G) entropy of the sampling distribution at each step
     truncated: torch.Tensor  # (N,) bool: cut off at max_new_tokens without EOS
     completions: list[Completion]
+    engine_logp: torch.Tensor | None = None  # (N, G) the inference engine's log-probs, when an engine sampled
 
 
 @torch.no_grad()
 def sample_groups(model: nn.Module, tok: Any, chunks: list[tuple[list[list[int]], int]], params: SamplingParams, device: str,
-                  pad: int) -> GroupBatch:
-    """params.n samples of each prompt, one KV-cached sampling call per (prompts, seed) chunk, keeping the
-    sampler's own log-probs and entropy (the behaviour policy: no second forward)."""
+                  pad: int, engine: Any = None) -> GroupBatch:
+    """params.n samples of each prompt, one sampling call per (prompts, seed) chunk. Our KV-cached sampler
+    keeps its own log-probs and entropy (the behaviour policy: no second forward); samples an inference
+    `engine` drew (engines/vllm.py) are scored again by the trainer's forward, their log-probs kept apart."""
     comps: list[Completion] = []
     rows: list[list[int]] = []
     for prompts, seed in chunks:
-        comps += [c for g in generate(model, tok, prompts, params, device, seed, track=True) for c in g]
+        groups = engine.generate(prompts, params, seed, logprobs=True) if engine else generate(model, tok, prompts, params, device, seed, track=True)
+        comps += [c for g in groups for c in g]
         rows += [p for p in prompts for _ in range(params.n)]
     prompt_ids, prompt_mask = left_pad(rows, pad, device)
     ids, mask, response, rmask = pad_responses(prompt_ids, prompt_mask, [c.token_ids for c in comps], pad)
-    g = response.shape[1]
+    p, g = prompt_ids.shape[1], response.shape[1]
     logp = torch.tensor([(c.logprobs or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)  # (N, G)
-    ent = torch.tensor([(c.entropies or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)
     truncated = torch.tensor([c.finish_reason != "stop" for c in comps], device=device)
-    return GroupBatch(ids, mask, prompt_ids.shape[1], response, rmask, logp, ent, truncated, comps)
+    if engine is not None:
+        old, ent = trainer_logprobs(model, _Rows(ids, mask, p, response, rmask), params.temperature)
+        return GroupBatch(ids, mask, p, response, rmask, old, ent, truncated, comps, engine_logp=logp * rmask)
+    ent = torch.tensor([(c.entropies or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)
+    return GroupBatch(ids, mask, p, response, rmask, logp, ent, truncated, comps)
+
+
+def check_engine(engine: str, engine_logprobs: bool, model: str) -> None:
+    """`--engine vllm` (ppo, grpo), before any model loads: one process, vLLM importable (engines.check_engine)."""
+    from rlhf_cli.engines import check_engine as check
+
+    if engine_logprobs and engine != "vllm":
+        raise RlhfError("--engine-logprobs needs --engine vllm (our own sampler's log-probs are the trainer's)")
+    check(engine, [model])
+
+
+def start_engine(engine: str, model: nn.Module, tok: Any, workdir: Path, dtype: str, memory: float, seed: int,
+                 max_len: int) -> Any:
+    """`--engine vllm`: an in-process vLLM engine on the policy's current weights (a resumed run's too), or
+    None for our own sampler. It reports log-probs after temperature, as the trainer computes them."""
+    if engine != "vllm":
+        return None
+    from rlhf_cli.engines.vllm import VllmEngine
+
+    return VllmEngine.from_model(model, tok, workdir, dtype=dtype, memory=memory, seed=seed, max_len=max_len,
+                                 logprobs_mode="processed_logprobs")
+
+
+@torch.no_grad()
+def trainer_logprobs(model: Any, b: Any, temperature: float, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trainer's own log-probs and entropy (N, G) of sampled responses, `chunk` rows per forward: the old
+    policy when an inference engine sampled (its kernels round differently). b: ids, mask, prompt_width, ..."""
+    parts = [response_logprobs(model, b.ids[s : s + chunk], b.mask[s : s + chunk], b.prompt_width, b.response[s : s + chunk],
+                               b.response_mask[s : s + chunk], temperature, with_entropy=True)
+             for s in range(0, b.ids.shape[0], chunk)]
+    return torch.cat([lp.float() for lp, _ in parts]), torch.cat([e.float() for _, e in parts])
 
 
 class PolicyLogprobs(nn.Module):

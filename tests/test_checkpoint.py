@@ -45,7 +45,8 @@ def spy_on_save(monkeypatch) -> dict:
     seen: dict = {}
     save = checkpoint.save_checkpoint
 
-    def spy(model, tok, out, manifest, extra=None):
+    def spy(model, tok, out, manifest, extra=None, state_dict=None):
+        assert state_dict is None  # one process: the model's own weights, nothing gathered
         with torch.no_grad():
             seen["logits"] = model(input_ids=PROBE).logits
         return save(model, tok, out, manifest, extra)

@@ -300,3 +300,49 @@ def test_eval_help_lists_the_kinds(capsys):
     for kind in ("exact", "rm", "ppl"):
         code, out, _ = call(["eval", kind, "--help"], capsys)
         assert code == 0 and "Examples" in out
+
+
+# ---------------------------------------------------------------- --engine (exact, code, winrate -m)
+
+
+@pytest.fixture
+def no_vllm(monkeypatch):
+    """`import vllm` raises ImportError, installed or not; the VLLM_* defaults `import_vllm` sets are undone."""
+    import os
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _engine_argv(kind, tmp_path, model):
+    if kind == "exact":
+        return ["eval", "exact", str(write_jsonl(tmp_path, "d.jsonl", [{"prompt": "1+1", "answer": "2"}])), "-m", model]
+    if kind == "code":
+        probs = write_jsonl(tmp_path, "p.jsonl", [{"task_id": "t/0", "prompt": "def f():\n", "entry_point": "f", "test": "def check(f): pass"}])
+        return ["eval", "code", str(probs), "-m", model, "--allow-code-exec"]
+    ref = tmp_path / "ref.json"
+    ref.write_bytes(orjson.dumps([{"instruction": "Say hi", "output": "hi", "generator": "ref"}]))
+    return ["eval", "winrate", "--reference", str(ref), "-m", model, "--judge", "rule:exact"]
+
+
+@pytest.mark.parametrize("kind", ["exact", "code", "winrate"])
+@pytest.mark.parametrize(("model", "engine", "message", "hint"), [
+    ("builtin:micro", "vllm", "--engine vllm needs vLLM", "pip install 'rlhf-cli[vllm]'"),
+    ("builtin:micro", "bogus", "--engine must be one of hf, vllm; got 'bogus'", "pick one of the listed values"),
+    ("api:gpt-4o-mini", "vllm", "--engine vllm with --model api:gpt-4o-mini: api: models are served already", "drop --engine vllm"),
+], ids=["no-vllm", "bogus", "api"])
+def test_eval_engine_refusals_exit_2_before_a_model_loads(tmp_path, capsys, monkeypatch, no_vllm, kind, model, engine, message, hint):
+    def no_model(*a, **k):
+        raise AssertionError("--engine must be checked before loading a model")
+
+    monkeypatch.setattr("rlhf_cli.models.loading.load_model", no_model)
+    monkeypatch.setattr("rlhf_cli.models.loading.load_tokenizer", no_model)
+    log = tmp_path / "log.jsonl"
+    code, out, err = call([*_engine_argv(kind, tmp_path, model), "--engine", engine, "--log-samples", str(log)], capsys)
+    err = " ".join(err.split())
+    assert code == 2 and out == "" and not log.exists(), err
+    assert f"error: {message}" in err and f"hint: {hint}" in err and "Traceback" not in err, err

@@ -516,3 +516,42 @@ def test_the_old_resume_file_spelling_still_works_with_a_warning(tmp_path: Path,
     assert [r["prompt"] for r in rows] == ["hi", "ho"] and prompts.read_bytes() == before
     # a stray argument that is not the old spelling is still refused
     assert cli(["sample", str(prompts), "extra.jsonl", "-m", "builtin:micro"]) == 2
+
+
+# --- --engine -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_vllm(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`import vllm` raises ImportError, installed or not; the VLLM_* defaults `import_vllm` sets are undone."""
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize(("args", "env", "message", "hint"), [
+    (["--engine", "vllm"], {}, "--engine vllm needs vLLM", "pip install 'rlhf-cli[vllm]'"),
+    (["--engine", "bogus"], {}, "--engine must be one of hf, vllm; got 'bogus'", "pick one of the listed values"),
+    (["--engine", "vllm", "--engine-memory", "0"], {}, "--engine-memory must be in (0, 1]; got 0.0", "use a value in (0, 1]"),
+    (["--engine", "vllm", "-m", "api:gpt-4o-mini"], {}, "--engine vllm with --model api:gpt-4o-mini: api: models are served already", "drop --engine vllm"),
+    (["--engine", "vllm"], {"WORLD_SIZE": "2"}, "--engine vllm runs in a single process, not under torchrun", "launch without torchrun"),
+], ids=["no-vllm", "bogus", "memory", "api", "torchrun"])
+def test_engine_refusals_exit_2_before_a_model_loads_and_write_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, no_vllm: Any,
+        args: list[str], env: dict[str, str], message: str, hint: str) -> None:
+    def no_model(*a: Any, **k: Any) -> None:
+        raise AssertionError("--engine must be checked before loading a model")
+
+    monkeypatch.setattr("rlhf_cli.models.loading.load_model", no_model)
+    monkeypatch.setattr("rlhf_cli.models.loading.load_tokenizer", no_model)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    prompts = write_jsonl(tmp_path, "p.jsonl", [{"prompt": "hi"}])
+    out_file = tmp_path / "out.jsonl"
+    assert cli(["sample", str(prompts), "-m", "builtin:micro", *args, "-o", str(out_file)]) == 2
+    out, err = capsys.readouterr()
+    err = " ".join(err.split())
+    assert out == "" and not out_file.exists()
+    assert f"error: {message}" in err and f"hint: {hint}" in err and "Traceback" not in err, err

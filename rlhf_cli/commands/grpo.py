@@ -31,6 +31,9 @@ from rlhf_cli.options import (
     DecayFracOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineLogprobsOpt,
+    EngineMemoryOpt,
+    EngineOpt,
     EpochsOpt,
     FormatOpt,
     GradAccumOpt,
@@ -51,6 +54,7 @@ from rlhf_cli.options import (
     SeedOpt,
     ShardOffloadOpt,
     ShardOpt,
+    TisCapOpt,
     TrustOpt,
     WarmupOpt,
     WeightDecayOpt,
@@ -100,6 +104,10 @@ class GrpoConfig:
     pass_threshold: float = 1.0  # a response "passes" when its weighted score reaches this (pass@1, pass@K)
     ref_dtype: str = "auto"
     ref_shard: bool = False  # --shard full: the reference split over the processes (sharding.shard_frozen)
+    engine: str = "hf"  # hf: our KV-cached sampler; vllm: in-process vLLM, its weights pushed after each update
+    engine_memory: float = 0.3
+    engine_logprobs: bool = False  # vllm: truncated importance weights p_trainer / p_engine on the loss
+    tis_cap: float = 2.0
     train: TrainOptions = TRAIN
 
     COMMAND: ClassVar[str] = "grpo"
@@ -109,7 +117,7 @@ class GrpoConfig:
         "max_new_tokens": ">= 1", "max_prompt_len": ">= 1", "temperature": "> 0", "top_p": "(0, 1]", "advantage": ADVANTAGES,
         "scale_rewards": ("group", "batch", "none"), "loss": LOSSES, "importance_sampling": ("token", "sequence"),
         "clip": "> 0", "clip_high": "> 0", "beta": ">= 0", "overlong_buffer": ">= 0", "overlong_factor": ">= 0",
-        "ref_dtype": ("auto", "fp32", "bf16"),
+        "ref_dtype": ("auto", "fp32", "bf16"), "engine": ("hf", "vllm"), "engine_memory": "(0, 1]", "tis_cap": ">= 1",
     }
 
     @property
@@ -172,6 +180,10 @@ def command(
     shard: ShardOpt = TRAIN.shard,
     shard_offload: ShardOffloadOpt = TRAIN.shard_offload,
     ref_shard: RefShardOpt = GrpoConfig.ref_shard,
+    engine: EngineOpt = GrpoConfig.engine,
+    engine_memory: EngineMemoryOpt = GrpoConfig.engine_memory,
+    engine_logprobs: EngineLogprobsOpt = GrpoConfig.engine_logprobs,
+    tis_cap: TisCapOpt = GrpoConfig.tis_cap,
     lora_r: LoraOpt = TRAIN.lora_r,
     lora_alpha: LoraAlphaOpt = TRAIN.lora_alpha,
     keep_adapter: KeepAdapterOpt = TRAIN.keep_adapter,
@@ -219,10 +231,12 @@ def weights(cfg: GrpoConfig) -> list[float]:
 def validate(cfg: GrpoConfig, world: int) -> None:
     """Ranges and option combinations, before any model loads."""
     from rlhf_cli.config import check, check_train
+    from rlhf_cli.rollout import check_engine
 
     check(cfg)
     if cfg.ref_shard and cfg.train.shard != "full":
         raise RlhfError("--ref-shard needs --shard full")
+    check_engine(cfg.engine, cfg.engine_logprobs, cfg.model)
     if not cfg.judge:
         raise RlhfError("grpo needs a reward: give --judge rule:... or --judge rm:PATH")
     for spec in cfg.judge:
@@ -277,9 +291,10 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
     from rlhf_cli.generation import SamplingParams, batch_seed
     from rlhf_cli.grpo_step import advantages, load_reference, score, update
     from rlhf_cli.judges import build_judge
+    from rlhf_cli.losses.ppo import engine_mismatch
     from rlhf_cli.metrics import progress_bar
     from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
-    from rlhf_cli.rollout import PolicyLogprobs, disable_dropout, sample_groups
+    from rlhf_cli.rollout import PolicyLogprobs, disable_dropout, sample_groups, start_engine
     from rlhf_cli.sharding import full_params, shard_frozen
 
     # 1. runtime, judges, policy (+LoRA), the reference only when beta > 0, the prompt plan
@@ -301,6 +316,8 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
     # 2. optimizer, resume state, DDP, metrics
     fwd = PolicyLogprobs(model, cfg.temperature)
     s = training.start(env, t, model, fwd, key=_resume_key(cfg, dist.world))
+    engine = start_engine(cfg.engine, model, tok, t.state_dir / "engine-model", "bf16" if t.dtype == "bf16" else "fp32",
+                          cfg.engine_memory, t.seed, cfg.max_prompt_len + cfg.max_new_tokens)
     sampling = SamplingParams(cfg.group_size, cfg.temperature, cfg.top_p, 0, cfg.max_new_tokens, t.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ref_from = "none (beta 0)" if not cfg.beta else (cfg.ref or cfg.model) if ref is not None else "the policy with its LoRA adapter disabled"
@@ -325,21 +342,28 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
             chunks = [([prompt_ids[i] for i in idx[c : c + gb]], batch_seed(t.seed, [f"step{step}"] + [str(rows[i].id) for i in idx[c : c + gb]]))
                       for c in range(0, per, gb)]
             with env.autocast, full_params(s.forward):  # --shard full: weights gathered once, not per decode step
-                b = sample_groups(model, tok, chunks, sampling, device, pad)
+                b = sample_groups(model, tok, chunks, sampling, device, pad, engine)
             runtime.release_cache(device)
             t1 = time.perf_counter()
 
             # 2. rewards: the weighted judges, the overlong penalty; group advantages
             rewards, stats = score(cfg, judges, batch_rows, b, device, step)
+            if b.engine_logp is not None:  # how far the engine's numbers are from the trainer's, every step
+                stats.update(engine_mismatch(b.logp, b.engine_logp, b.response_mask))
             t2 = time.perf_counter()
             with full_params(s.forward) if ref is None and cfg.beta else contextlib.nullcontext():  # the adapter-free policy
                 adv, mask, ref_logp = advantages(cfg, rewards, b, ref, fwd, device)
 
             # 3. clipped policy-gradient steps: --iterations passes over the batch in minibatches
             model.train()
+            if engine is not None:
+                engine.sleep()  # hand the accelerator memory to the update (a no-op on CPU)
             with env.autocast:
                 stats.update(update(s, cfg, b, adv, mask, ref_logp, step))
             runtime.release_cache(device)
+            if engine is not None:
+                engine.sync_from(model)  # the next rollout samples from the updated policy (LoRA: merged)
+                engine.wake_up()
             t3 = time.perf_counter()
 
             # 4. log and checkpoint
@@ -355,6 +379,8 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
                                               f"zero-std {last['frac_reward_zero_std']:.2f}  len {last['completion_length']:.1f}")
             training.maybe_save(s, step + 1, plan.total)
 
+    if engine is not None:
+        engine.close()  # its memory, and the one-process group vLLM starts, before the frame leaves its own
     training.finish(s, "grpo", cfg, model, tok, [cfg.prompts], last, parent=cfg.model)
     if dist.main and last:
         info(f"saved {cfg.out}  reward {last['reward']:+.3f}  pass@1 {last['pass@1']:.3f}  pass@{cfg.group_size} "

@@ -30,6 +30,9 @@ from rlhf_cli.options import (
     DeprecatedOutOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineLogprobsOpt,
+    EngineMemoryOpt,
+    EngineOpt,
     EpochsOpt,
     FormatOpt,
     GradCkptOpt,
@@ -46,6 +49,7 @@ from rlhf_cli.options import (
     SeedOpt,
     ShardOffloadOpt,
     ShardOpt,
+    TisCapOpt,
     TrustOpt,
     WarmupOpt,
     WeightDecayOpt,
@@ -98,6 +102,10 @@ class PpoConfig:
     ptx_coef: float = 1.0
     ref_dtype: str = "auto"
     ref_shard: bool = False  # --shard full: the reference split over the processes (sharding.shard_frozen)
+    engine: str = "hf"  # hf: our KV-cached sampler; vllm: in-process vLLM, its weights pushed after each update
+    engine_memory: float = 0.3
+    engine_logprobs: bool = False  # vllm: truncated importance weights p_trainer / p_engine on the loss
+    tis_cap: float = 2.0
     offload: bool = False
     train: TrainOptions = TRAIN
 
@@ -109,6 +117,7 @@ class PpoConfig:
         "kl_horizon": ">= 1", "kl_estimator": ("k1", "k3"), "gamma": "[0, 1]", "lam": "[0, 1]", "clip": "> 0",
         "clip_value": "> 0", "vf_coef": ">= 0", "no_eos_penalty": ">= 0", "reward_clip": ">= 0",
         "value_init": ("auto", "reward", "policy"), "ptx_coef": ">= 0", "ref_dtype": ("auto", "fp32", "bf16"),
+        "engine": ("hf", "vllm"), "engine_memory": "(0, 1]", "tis_cap": ">= 1",
     }
 
     @property
@@ -165,6 +174,10 @@ def command(
     shard: ShardOpt = TRAIN.shard,
     shard_offload: ShardOffloadOpt = TRAIN.shard_offload,
     ref_shard: RefShardOpt = PpoConfig.ref_shard,
+    engine: EngineOpt = PpoConfig.engine,
+    engine_memory: EngineMemoryOpt = PpoConfig.engine_memory,
+    engine_logprobs: EngineLogprobsOpt = PpoConfig.engine_logprobs,
+    tis_cap: TisCapOpt = PpoConfig.tis_cap,
     save_every: SaveEveryOpt = TRAIN.save_every,
     resume: ResumeOpt = TRAIN.resume,
     format: FormatOpt = PpoConfig.format,
@@ -205,8 +218,10 @@ def command(
 
 def validate(cfg: PpoConfig, world: int) -> None:
     from rlhf_cli.config import check, check_train
+    from rlhf_cli.rollout import check_engine
 
     check(cfg)
+    check_engine(cfg.engine, cfg.engine_logprobs, cfg.model)
     if cfg.ref_shard and (cfg.train.shard != "full" or cfg.offload):
         raise RlhfError("--ref-shard needs --shard full (and no --offload: a sharded reference is already small)")
     if (cfg.reward is None) == (cfg.judge is None):
@@ -237,8 +252,9 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
     from rlhf_cli.data.sft_data import SftStream
     from rlhf_cli.generation import SamplingParams, batch_seed
     from rlhf_cli.judges import build_judge
+    from rlhf_cli.losses.ppo import engine_mismatch
     from rlhf_cli.metrics import progress_bar
-    from rlhf_cli.rollout import collect, reward_stats, score_responses, setup_models
+    from rlhf_cli.rollout import collect, reward_stats, score_responses, setup_models, start_engine
     from rlhf_cli.sharding import full_params, shard_frozen
 
     # 1. runtime, models, the prompt plan (seeded: every rank and a resumed run rebuild it exactly)
@@ -258,6 +274,8 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
     # 2. optimizer (policy and value in one AdamW), resume state, DDP, metrics
     s = training.start(env, t, pv, key=_resume_key(cfg, dist.world))
     kl_ctl = _kl_controller(cfg, s.start)
+    engine = start_engine(cfg.engine, pv.policy, tok, t.state_dir / "engine-model", "bf16" if t.dtype == "bf16" else "fp32",
+                          cfg.engine_memory, t.seed, cfg.max_prompt_len + cfg.max_new_tokens)
     sampling = SamplingParams(1, cfg.temperature, 1.0, 0, cfg.max_new_tokens, t.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     info(f"ppo: {cfg.model} on {device} x{dist.world}, {len(rows)} prompts, {plan.total} steps of {cfg.batch_size}, "
@@ -278,7 +296,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
             seed = batch_seed(t.seed, [f"step{step}"] + [str(r.id) for r in batch_rows])
             with env.autocast, full_params(s.forward):  # --shard full: weights gathered once for the rollout
                 ro = collect(pv, ref, tok, [prompt_ids[i] for i in idx], sampling, seed, device,
-                             cfg.minibatch_size // dist.world, pad, cfg.offload)
+                             cfg.minibatch_size // dist.world, pad, cfg.offload, engine)
             runtime.release_cache(device)  # the KV cache of generation is garbage now
             t1 = time.perf_counter()
 
@@ -290,12 +308,19 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
 
             # 3. KL-shaped per-token rewards, GAE, whitened advantages
             adv, returns, stats = advantages(ro, raw, norm, kl_ctl.beta, cfg)
+            if ro.engine_logp is not None:  # how far the engine's numbers are from the trainer's, every step
+                stats.update(engine_mismatch(ro.logp, ro.engine_logp, ro.response_mask))
 
             # 4. clipped policy and value updates: ppo_epochs passes over minibatches
             pv.train()
+            if engine is not None:
+                engine.sleep()  # hand the accelerator memory to the update (a no-op on CPU)
             with env.autocast:
                 stats.update(update(s, models, ro, adv, returns, ptx_batches, cfg, step))
             runtime.release_cache(device)
+            if engine is not None:
+                engine.sync_from(pv.policy)  # the next rollout samples from the updated policy (LoRA: merged)
+                engine.wake_up()
             t3 = time.perf_counter()
 
             # 5. log; adapt the KL coefficient to the batch's KL
@@ -312,6 +337,8 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
             # 6. checkpoint the resume state
             training.maybe_save(s, step + 1, plan.total, {"kl_coef": kl_ctl.beta})
 
+    if engine is not None:
+        engine.close()  # its memory, and the one-process group vLLM starts, before the frame leaves its own
     save(s, cfg, models, last)
     return last
 
@@ -388,6 +415,9 @@ def update(s: Session, models: Models, ro: Rollout, adv: torch.Tensor, returns: 
     sums: dict[str, float] = {}
     count = 0
     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
+    is_w = None  # --engine-logprobs: truncated importance weights for the engine's samples
+    if cfg.engine_logprobs and ro.engine_logp is not None:
+        is_w = L.truncated_is_weight(ro.logp, ro.engine_logp, ro.response_mask, cfg.tis_cap)
     for _ in range(cfg.ppo_epochs):
         for idx in torch.randperm(n, generator=gen).split(mb):
             idx = idx.to(ro.ids.device)
@@ -395,7 +425,7 @@ def update(s: Session, models: Models, ro: Rollout, adv: torch.Tensor, returns: 
             batch = ptx.next() if ptx is not None else None
             out = s.forward(ro.ids[idx], ro.mask[idx], ro.prompt_width, ro.response[idx], m, batch)
             logp, _entropy, values = out[:3]
-            pg, pstats = L.policy_loss(logp, ro.logp[idx], adv[idx], m, cfg.clip)
+            pg, pstats = L.policy_loss(logp, ro.logp[idx], adv[idx], m, cfg.clip, None if is_w is None else is_w[idx])
             vf, vf_clipfrac = L.value_loss(values, ro.values[idx], returns[idx], m, cfg.clip_value)
             loss = pg + cfg.vf_coef * vf
             row = {"policy_loss": pg.item(), "value_loss": vf.item(), "clipfrac": pstats.clipfrac,

@@ -8,6 +8,10 @@ streams one JSONL row per prompt to stdout as each batch finishes.
     cat prompts.jsonl | rlhf sample - --model sft/ --temperature 0 | head -1
     OPENAI_API_KEY=... rlhf sample prompts.jsonl --model api:gpt-4o-mini -n 4 --max-cost 1 -o samples.jsonl
     rlhf sample prompts.jsonl --model api:qwen --base-url http://127.0.0.1:8000/v1 -n 4 > samples.jsonl
+    rlhf sample prompts.jsonl --model sft/ -n 8 -b 64 --engine vllm > samples.jsonl
+
+`--engine vllm` samples with an in-process vLLM engine (rlhf_cli/engines/) instead of our sampler:
+the same rows, with `sampling.engine` added; greedy completions agree, sampled ones come from vLLM's RNG.
 
 `--model api:MODEL` samples from an OpenAI-compatible server instead (rlhf_cli/api_generation.py):
 requests run --concurrency at a time and rows still come out in input order; a --max-cost stop
@@ -27,11 +31,14 @@ import typer
 from rlhf_cli.api_client import ApiOptions
 from rlhf_cli.config import from_cli
 from rlhf_cli.console import info
+from rlhf_cli.engines import ENGINES
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.options import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineMemoryOpt,
+    EngineOpt,
     FormatOpt,
     ModelApiKeyEnvOpt,
     ModelBaseUrlOpt,
@@ -68,6 +75,8 @@ class SampleConfig:
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
+    engine: str = "hf"  # local models: hf = generation.generate, vllm = an in-process vLLM engine
+    engine_memory: float = 0.3  # vllm: its share of accelerator memory (on CPU: a cap on its KV pool, of RAM)
     api: ApiOptions = API  # --model api:MODEL only; max_retries and timeout from --config
 
     COMMAND: ClassVar[str] = "sample"
@@ -76,6 +85,7 @@ class SampleConfig:
     LIMITS: ClassVar[dict[str, Any]] = {
         "n": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "top_k": ">= 0", "max_new_tokens": ">= 1",
         "batch_size": ">= 1", "format": ("chat", "raw"), "dtype": ("fp32", "bf16", "fp16"),
+        "engine": ENGINES, "engine_memory": "(0, 1]",
     }
 
 
@@ -98,6 +108,8 @@ def command(
     device: DeviceOpt = SampleConfig.device,
     dtype: DtypeOpt = SampleConfig.dtype,
     trust_remote_code: TrustOpt = SampleConfig.trust_remote_code,
+    engine: EngineOpt = SampleConfig.engine,
+    engine_memory: EngineMemoryOpt = SampleConfig.engine_memory,
     base_url: ModelBaseUrlOpt = API.base_url,
     api_key_env: ModelApiKeyEnvOpt = API.api_key_env,
     concurrency: ModelConcurrencyOpt = API.concurrency,
@@ -110,6 +122,9 @@ def command(
     Output row: the input fields + id, completions (K strings), finish_reasons ("stop" | "length"),
     completion_tokens, prompt_tokens, sampling {model, temperature, top_p, top_k, max_new_tokens,
     seed, n, stop}; with --logprobs also completion_token_ids and logprobs.
+
+    --engine vllm samples with in-process vLLM (pip install 'rlhf-cli[vllm]'; not under torchrun):
+    the same rows plus sampling.engine.
 
     --model api:MODEL asks an OpenAI-compatible server (--base-url; the key from $OPENAI_API_KEY or
     --api-key-env): rows as above plus sampling.base_url, no completion_token_ids. Exit codes: 0
@@ -125,6 +140,8 @@ def command(
       rlhf sample prompts.jsonl --config sample.yaml -t 0.7 > samples.jsonl   # a flag beats the file
 
       echo '{"prompt": "2+2="}' | rlhf sample - --model sft/ --temperature 0
+
+      rlhf sample prompts.jsonl --model sft/ -n 8 -b 64 --engine vllm > samples.jsonl
 
       rlhf sample prompts.jsonl --model api:gpt-4o-mini -n 4 --max-cost 1 -o samples.jsonl --resume
 
@@ -158,12 +175,14 @@ def run(cfg: SampleConfig) -> int:
     """Sample and write rows; returns the number of rows written."""
     from rlhf_cli.data.jsonl import JsonlSink, read_jsonl
     from rlhf_cli.data.records import assign_ids, parse_prompt_row, render_prompt
+    from rlhf_cli.engines import check_engine, local_generator
     from rlhf_cli.models.loading import parse_model_spec
 
     # 1. validate and tokenize all input before loading the model
     validate(cfg)
     rows = assign_ids([parse_prompt_row(line) for line in read_jsonl(cfg.prompts)])
     spec = parse_model_spec(cfg.model)
+    check_engine(cfg.engine, [cfg.model])
     skip = done_ids(cfg.output) if cfg.resume else set()
     todo = [r for r in rows if r.id not in skip]
     if skip:
@@ -177,10 +196,9 @@ def run(cfg: SampleConfig) -> int:
     if not todo:
         return 0
 
-    from rlhf_cli import runtime
-    from rlhf_cli.generation import SamplingParams, batch_seed, generate
+    from rlhf_cli.generation import SamplingParams, batch_seed
     from rlhf_cli.metrics import progress_bar
-    from rlhf_cli.models.loading import load_model, load_tokenizer
+    from rlhf_cli.models.loading import load_tokenizer
 
     tok = load_tokenizer(spec, cfg.trust_remote_code)
     prompt_ids = [render_prompt(tok, r.prompt, r.messages, cfg.format) for r in todo]
@@ -188,22 +206,25 @@ def run(cfg: SampleConfig) -> int:
         if not ids:
             raise RlhfError(f"{r.where}: the prompt is empty once tokenized", "give some prompt text or use --format chat")
 
-    # 2. model
-    device = runtime.pick_device(cfg.device)
-    model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
+    # 2. model: our sampler on --device, or an in-process vLLM engine
     params = SamplingParams(cfg.n, cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.seed, cfg.stop)
     sampling = {"model": cfg.model, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
                 "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "n": cfg.n, "stop": list(cfg.stop)}
+    if cfg.engine != "hf":
+        sampling["engine"] = cfg.engine
+    engine = local_generator(cfg.engine, spec, tok, max_len=max(map(len, prompt_ids)) + cfg.max_new_tokens, dtype=cfg.dtype,
+                             device=cfg.device, memory=cfg.engine_memory, seed=cfg.seed, max_seqs=cfg.batch_size * cfg.n,
+                             trust_remote_code=cfg.trust_remote_code)
 
     # 3. generate batch by batch, streaming rows in input order
     written = 0
     new_tokens = 0
-    with JsonlSink(cfg.output, append=cfg.resume) as sink, progress_bar(True) as bar:
+    with engine as gen, JsonlSink(cfg.output, append=cfg.resume) as sink, progress_bar(True) as bar:
         task = bar.add_task("sample", total=len(todo), stats="")
         for b in range(0, len(todo), cfg.batch_size):
             batch, batch_ids = todo[b : b + cfg.batch_size], prompt_ids[b : b + cfg.batch_size]
             seed = batch_seed(cfg.seed, [str(r.id) for r in batch])
-            results = generate(model, tok, batch_ids, params, device, seed, cfg.logprobs)
+            results = gen(batch_ids, params, seed, cfg.logprobs)
             for r, p_ids, comps in zip(batch, batch_ids, results, strict=True):
                 out = dict(r.extra)
                 out["id"] = r.id

@@ -5,6 +5,7 @@
     rlhf eval code HumanEval.jsonl.gz --canonical --allow-code-exec               # sandbox self-check: 1.0
     rlhf eval code probs.jsonl --field prompt=question --field test=tests -m base/ -m sft/ --allow-code-exec
     rlhf eval code HumanEval.jsonl.gz -m api:qwen-coder --base-url http://127.0.0.1:8000/v1 -n 10 --allow-code-exec
+    rlhf eval code HumanEval.jsonl.gz -m sft/ -n 100 -t 0.8 --engine vllm --allow-code-exec   # in-process vLLM
 
 Problems: the HumanEval layout {"task_id", "prompt", "entry_point", "test"} (JSONL or .jsonl.gz), or any
 JSONL mapped with --field NAME=COLUMN. Candidates come from a model (`-m`), from files (`--completions`:
@@ -40,6 +41,7 @@ import typer
 from rlhf_cli.api_client import ApiOptions
 from rlhf_cli.config import check, from_cli
 from rlhf_cli.data.jsonl import read_jsonl
+from rlhf_cli.engines import ENGINES
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, parse_fields
 from rlhf_cli.evals.sandbox import Sandbox, run_programs
@@ -47,6 +49,8 @@ from rlhf_cli.options import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineMemoryOpt,
+    EngineOpt,
     ModelApiKeyEnvOpt,
     ModelBaseUrlOpt,
     ModelConcurrencyOpt,
@@ -92,6 +96,8 @@ class CodeConfig:
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
+    engine: str = "hf"  # local models: hf = generation.generate, vllm = an in-process vLLM engine
+    engine_memory: float = 0.3
     # -m api:MODEL only: ApiOptions, flat because `timeout` is each program's here
     base_url: str | None = API.base_url
     api_key_env: str = API.api_key_env
@@ -107,7 +113,7 @@ class CodeConfig:
     LIMITS: ClassVar[dict[str, Any]] = {
         "n": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]", "max_new_tokens": ">= 1", "batch_size": ">= 1",
         "format": ("chat", "raw"), "timeout": "> 0", "memory_mb": ">= 64", "workers": ">= 1", "limit": ">= 1",
-        "dtype": ("fp32", "bf16"), **ApiOptions.LIMITS, "api_timeout": "> 0",
+        "dtype": ("fp32", "bf16"), **ApiOptions.LIMITS, "api_timeout": "> 0", "engine": ENGINES, "engine_memory": "(0, 1]",
     }
 
     @property
@@ -141,6 +147,8 @@ def command(
     device: DeviceOpt = CodeConfig.device,
     dtype: DtypeOpt = CodeConfig.dtype,
     trust_remote_code: TrustOpt = CodeConfig.trust_remote_code,
+    engine: EngineOpt = CodeConfig.engine,
+    engine_memory: EngineMemoryOpt = CodeConfig.engine_memory,
     base_url: ModelBaseUrlOpt = API.base_url,
     api_key_env: ModelApiKeyEnvOpt = API.api_key_env,
     concurrency: ModelConcurrencyOpt = API.concurrency,
@@ -156,6 +164,7 @@ def command(
     completion or chat reply, extracted: the code run from a chat reply, outcome, error). Refuses to
     run anything without --allow-code-exec. -m api:MODEL generates on an OpenAI-compatible server
     (--base-url; exit 3 at --max-cost, nothing scored; --config sets max-retries and api-timeout).
+    --engine vllm generates with in-process vLLM (pip install 'rlhf-cli[vllm]').
 
     Examples:
 
@@ -330,6 +339,7 @@ def validate(cfg: CodeConfig) -> dict[str, str]:
 
 def run(cfg: CodeConfig) -> list[EvalResult]:
     from rlhf_cli.api_generation import api_samplers
+    from rlhf_cli.engines import check_engine
     from rlhf_cli.evals.base import report
     from rlhf_cli.models.loading import parse_model_spec
 
@@ -343,6 +353,7 @@ def run(cfg: CodeConfig) -> list[EvalResult]:
         raise RlhfError(f"{bad.where}: --canonical needs a string canonical_solution")
     for m in cfg.models:
         parse_model_spec(m)
+    check_engine(cfg.engine, cfg.models)
     box = Sandbox(timeout=cfg.timeout, memory_mb=cfg.memory_mb)
     samplers = api_samplers(cfg.models, cfg.api, cfg.seed)  # api: models checked (key, URL, prices), nothing sent
 
@@ -375,38 +386,26 @@ def generate_candidates(cfg: CodeConfig, model_spec: str, problems: list[Problem
     temperature = cfg.temperature if cfg.temperature is not None else (0.2 if cfg.n > 1 else 0.0)
     top_p = cfg.top_p if temperature > 0 else 1.0
     stop = cfg.stop if cfg.stop is not None else (() if chat else CODEX_STOP)  # "\\ndef" would cut a reply's code
+    prompts = [[{"role": "user", "content": chat_request(p.prompt)}] if chat else p.prompt for p in problems]
+    keys = [p.task_id for p in problems]
+    if sampler is not None:
+        got: Any = ((i, s.completions) for i, s in sampler.sample_all(prompts, keys, n=cfg.n, temperature=temperature, top_p=top_p,
+                                                                       max_tokens=cfg.max_new_tokens, stop=stop, seed=cfg.seed))
+    else:  # the same prompts through a local model (--engine), batch by batch, each batch seeded by its task ids
+        from rlhf_cli.engines import local_completions
+        from rlhf_cli.generation import SamplingParams
+
+        params = SamplingParams(cfg.n, temperature, top_p, 0, cfg.max_new_tokens, cfg.seed, stop)
+        got = local_completions(model_spec, prompts, keys, params, batch_size=cfg.batch_size, engine=cfg.engine, memory=cfg.engine_memory,
+                                device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
     cands: dict[str, list[str]] = {}
     reasons: dict[str, list[str]] = {}
     with progress_bar(True) as bar:
         task = bar.add_task(f"generate {model_spec}", total=len(problems), stats="")
-        if sampler is not None:
-            prompts = [[{"role": "user", "content": chat_request(p.prompt)}] if chat else p.prompt for p in problems]
-            got = sampler.sample_all(prompts, [p.task_id for p in problems], n=cfg.n, temperature=temperature, top_p=top_p,
-                                     max_tokens=cfg.max_new_tokens, stop=stop, seed=cfg.seed)
-            for i, sampled in got:
-                cands[problems[i].task_id] = [c.text for c in sampled.completions]
-                reasons[problems[i].task_id] = [c.finish_reason for c in sampled.completions]
-                bar.update(task, advance=1)
-            return cands, reasons
-
-        from rlhf_cli import runtime
-        from rlhf_cli.data.records import render_prompt
-        from rlhf_cli.generation import SamplingParams, batch_seed, generate
-        from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
-
-        spec = parse_model_spec(model_spec)
-        tok = load_tokenizer(spec, cfg.trust_remote_code)
-        ids = [render_prompt(tok, chat_request(p.prompt) if chat else p.prompt, None, cfg.format) for p in problems]
-        device = runtime.pick_device(cfg.device)
-        model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
-        params = SamplingParams(cfg.n, temperature, top_p, 0, cfg.max_new_tokens, cfg.seed, stop)
-        for b in range(0, len(problems), cfg.batch_size):
-            batch = problems[b : b + cfg.batch_size]
-            seed = batch_seed(cfg.seed, [p.task_id for p in batch])
-            for p, comps in zip(batch, generate(model, tok, ids[b : b + cfg.batch_size], params, device, seed), strict=True):
-                cands[p.task_id] = [c.text for c in comps]
-                reasons[p.task_id] = [c.finish_reason for c in comps]
-            bar.update(task, advance=len(batch))
+        for i, comps in got:
+            cands[keys[i]] = [c.text for c in comps]
+            reasons[keys[i]] = [c.finish_reason for c in comps]
+            bar.update(task, advance=1)
     return cands, reasons
 
 

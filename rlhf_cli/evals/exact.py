@@ -7,6 +7,7 @@ Reads GSM8K rows `{"question", "answer": "... #### 72"}` directly, our prompt ro
     rlhf eval exact test.jsonl -m base/ -m sft/ -m ppo/ --extract exact --max-new-tokens 8 --plot toy.png
     rlhf eval exact gsm8k/test.jsonl -m sft/ -n 8 --temperature 0.7        # majority vote over 8 samples
     rlhf eval exact gsm8k/test.jsonl -m api:qwen --base-url http://127.0.0.1:8000/v1 --format chat
+    rlhf eval exact gsm8k/test.jsonl -m sft/ -m ppo/ --engine vllm -b 64  # local models served by in-process vLLM
 
 Prompt (raw format, lm-evaluation-harness's `gsm8k` task): k solved examples then the question, each
 "Question: {question}\\nAnswer: {answer}" joined by a blank line, ending in "Answer:"; generation stops
@@ -39,12 +40,15 @@ import typer
 
 from rlhf_cli.api_client import ApiOptions
 from rlhf_cli.config import from_cli
+from rlhf_cli.engines import ENGINES
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, mean_stderr, parse_fields
 from rlhf_cli.options import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineMemoryOpt,
+    EngineOpt,
     FormatOpt,
     ModelApiKeyEnvOpt,
     ModelBaseUrlOpt,
@@ -88,6 +92,8 @@ class ExactConfig:
     device: str = "auto"
     dtype: str = "fp32"
     trust_remote_code: bool = False
+    engine: str = "hf"  # local models: hf = generation.generate, vllm = an in-process vLLM engine
+    engine_memory: float = 0.3
     api: ApiOptions = API  # -m api:MODEL only; max_retries and timeout from --config
 
     COMMAND: ClassVar[str] = "eval exact"
@@ -95,7 +101,7 @@ class ExactConfig:
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"max_retries", "timeout"})
     LIMITS: ClassVar[dict[str, Any]] = {
         "shots": ">= 0", "format": ("chat", "raw"), "n": ">= 1", "temperature": ">= 0", "max_new_tokens": ">= 1",
-        "batch_size": ">= 1", "limit": ">= 1", "dtype": ("fp32", "bf16", "fp16"),
+        "batch_size": ">= 1", "limit": ">= 1", "dtype": ("fp32", "bf16", "fp16"), "engine": ENGINES, "engine_memory": "(0, 1]",
     }
 
 
@@ -129,6 +135,8 @@ def command(
     device: DeviceOpt = ExactConfig.device,
     dtype: DtypeOpt = ExactConfig.dtype,
     trust_remote_code: TrustOpt = ExactConfig.trust_remote_code,
+    engine: EngineOpt = ExactConfig.engine,
+    engine_memory: EngineMemoryOpt = ExactConfig.engine_memory,
     base_url: ModelBaseUrlOpt = API.base_url,
     api_key_env: ModelApiKeyEnvOpt = API.api_key_env,
     concurrency: ModelConcurrencyOpt = API.concurrency,
@@ -142,7 +150,8 @@ def command(
     Prints one JSON line {"kind": "exact", "results": [{"model", "n", "exact_match", "exact_match_stderr",
     ...}]} and a table on stderr. With -n > 1: majority vote ("exact_match") and the mean accuracy of
     single samples ("sample_accuracy"). -m api:MODEL generates on an OpenAI-compatible server
-    (--base-url; exit 3 at --max-cost, nothing scored).
+    (--base-url; exit 3 at --max-cost, nothing scored). --engine vllm generates with in-process vLLM
+    (pip install 'rlhf-cli[vllm]').
 
     Examples:
 
@@ -302,6 +311,7 @@ def validate(cfg: ExactConfig) -> dict[str, str]:
 
 def run(cfg: ExactConfig) -> list[EvalResult]:
     from rlhf_cli.api_generation import api_samplers
+    from rlhf_cli.engines import check_engine
     from rlhf_cli.evals.base import report
     from rlhf_cli.models.loading import parse_model_spec
 
@@ -316,6 +326,7 @@ def run(cfg: ExactConfig) -> list[EvalResult]:
     prompts = [build_prompt(p.question, shots, cfg.format, template) for p in problems]
     for m in cfg.models:
         parse_model_spec(m)
+    check_engine(cfg.engine, cfg.models)
     samplers = api_samplers(cfg.models, cfg.api, cfg.seed)  # api: models checked (key, URL, prices) before any model runs
 
     # 2. each model in turn
@@ -363,23 +374,15 @@ def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts
 
 def _local_answers(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts: list[Any],
                    stop: tuple[str, ...]) -> Iterator[tuple[int, list[str]]]:
-    """(question index, n texts) from a local model, batch by batch, each batch seeded by its ids."""
-    from rlhf_cli import runtime
-    from rlhf_cli.data.records import render_prompt
-    from rlhf_cli.generation import SamplingParams, batch_seed, generate
-    from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
+    """(question index, n texts) from a local model (--engine), batch by batch, each batch seeded by its ids."""
+    from rlhf_cli.engines import local_completions
+    from rlhf_cli.generation import SamplingParams
 
-    spec = parse_model_spec(model_spec)
-    tok = load_tokenizer(spec, cfg.trust_remote_code)
-    device = runtime.pick_device(cfg.device)
-    model = load_model(spec, tok, cfg.dtype, cfg.trust_remote_code).to(device).eval()
     params = SamplingParams(cfg.n, cfg.temperature, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop)
-    ids = [render_prompt(tok, p, None, "raw") if isinstance(p, str) else render_prompt(tok, None, p, "chat") for p in prompts]
-    for b in range(0, len(problems), cfg.batch_size):
-        batch = problems[b : b + cfg.batch_size]
-        seed = batch_seed(cfg.seed, [str(p.id) for p in batch])
-        for k, comps in enumerate(generate(model, tok, ids[b : b + cfg.batch_size], params, device, seed), start=b):
-            yield k, [c.text for c in comps]
+    got = local_completions(model_spec, prompts, [str(p.id) for p in problems], params, batch_size=cfg.batch_size, engine=cfg.engine,
+                            memory=cfg.engine_memory, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+    for k, comps in got:
+        yield k, [c.text for c in comps]
 
 
 def _api_answers(cfg: ExactConfig, sampler: Any, problems: list[Problem], prompts: list[Any],

@@ -6,8 +6,9 @@ Inputs, matched by instruction text (read by rlhf_cli/evals/alpaca_data.py):
     or any JSONL with `--field instruction=COL --field output=COL`; or `-m MODEL` generates them from the
     reference's instructions (chat template, greedy by default); `-m api:MODEL` asks an OpenAI-compatible
     server through the judge's client options (--base-url, --api-key-env, --concurrency, --prices,
-    --max-cost: one budget for generating and judging); for a policy and a judge on different
-    servers, `rlhf sample` the outputs first and pass the file;
+    --max-cost: one budget for generating and judging), and `--engine vllm` serves local ones with
+    in-process vLLM; for a policy and a judge on different servers, `rlhf sample` the outputs first and
+    pass the file;
   * `--reference FILE`: the same layouts (AlpacaEval 2's reference is gpt4_1106_preview's model_outputs.json);
   * or `--annotations FILE`: AlpacaEval annotations.json ({"instruction", "output_1" (the reference),
     "output_2" (the model), "generator_2", "preference" in [1, 2]}), scored without calling a judge.
@@ -44,6 +45,7 @@ import typer
 
 from rlhf_cli.config import check, from_cli
 from rlhf_cli.console import warn
+from rlhf_cli.engines import ENGINES
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.alpaca_data import (
     Output,
@@ -67,6 +69,8 @@ from rlhf_cli.options import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineMemoryOpt,
+    EngineOpt,
     MaxCostOpt,
     PricesOpt,
     SeedOpt,
@@ -96,6 +100,8 @@ class WinrateConfig:
     difficulty: str | None = None
     max_new_tokens: int = 512
     temperature: float = 0.0
+    engine: str = "hf"  # -m local models: hf = generation.generate, vllm = an in-process vLLM engine
+    engine_memory: float = 0.3
     log_samples: str | None = None
     plot: str | None = None
     judge_options: JudgeOptions = JUDGE  # the judge's knobs, and --seed, --batch-size, --device, --dtype for -m too
@@ -103,7 +109,8 @@ class WinrateConfig:
     COMMAND: ClassVar[str] = "eval winrate"
     FLAGS: ClassVar[dict[str, str]] = {"models": "--model", "fields": "--field", "difficulty": "--instruction-difficulty"}
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"max_retries", "timeout"})  # --config FILE
-    LIMITS: ClassVar[dict[str, Any]] = {"limit": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0"}
+    LIMITS: ClassVar[dict[str, Any]] = {"limit": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0", "engine": ENGINES,
+                                        "engine_memory": "(0, 1]"}
 
     @property
     def seed(self) -> int:
@@ -127,6 +134,8 @@ def command(
     seed: SeedOpt = JUDGE.seed,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="-m: longest output, in tokens.", rich_help_panel=GEN)] = WinrateConfig.max_new_tokens,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="-m: 0 = greedy.", rich_help_panel=GEN)] = WinrateConfig.temperature,
+    engine: EngineOpt = WinrateConfig.engine,
+    engine_memory: EngineMemoryOpt = WinrateConfig.engine_memory,
     reference_field: Annotated[str, typer.Option("--answer-field", help="rule: the reference-row field holding the reference answer (pairwise's --reference; here --reference is the file).", rich_help_panel=JUDGE_PANEL)] = JUDGE.reference_field,
     template: TemplateOpt = JUDGE.template,
     base_url: BaseUrlOpt = JUDGE.base_url,
@@ -148,6 +157,7 @@ def command(
     --log-samples rows: {"model", "id", "input" (instruction), "output", "target" (the reference
     output), "score" (P(candidate better): 1, 0.5, 0), "preference" (AlpacaEval's 1..2), "judge"}.
     Exit codes: 0 done, 2 bad input, 3 the judge stopped early (the summary covers what it judged).
+    --engine vllm generates the -m outputs with in-process vLLM (pip install 'rlhf-cli[vllm]').
 
     Examples:
 
@@ -181,6 +191,8 @@ def validate(cfg: WinrateConfig) -> dict[str, str]:
             raise RlhfError("nothing to evaluate", "give candidate output files, or -m MODEL to generate them")
         if not cfg.judge:
             raise RlhfError("--judge is required to compare outputs", "e.g. --judge api:gpt-4o-mini, --judge lm:MODEL, --judge rm:PATH")
+    if cfg.engine != WinrateConfig.engine and not cfg.models:
+        warn(f"--engine {cfg.engine} generates for -m only; nothing to generate here (the judge runs as it always does)")
     return parse_fields(list(cfg.fields), FIELDS)
 
 
@@ -200,10 +212,12 @@ def run(cfg: WinrateConfig, judge: Any = None) -> list[EvalResult]:
     if difficulty is not None:
         lookup_difficulty(difficulty, _ref_pairs(refs, [r.output for r in refs], "reference"), cfg.difficulty)
     if cfg.models:
+        from rlhf_cli.engines import check_engine
         from rlhf_cli.models.loading import parse_model_spec
 
         for m in cfg.models:
             parse_model_spec(m)
+        check_engine(cfg.engine, cfg.models)
 
     # 2. the judge and the api: models (a missing API key fails here, before any generation), then each -m in turn
     from rlhf_cli.api_client import Budget
@@ -288,35 +302,25 @@ def generate_outputs(spec_str: str, instructions: list[str], cfg: WinrateConfig,
     `sampler` (an ApiSampler) for an api: model, seeded per instruction."""
     from rlhf_cli.metrics import progress_bar
 
+    prompts: list[Any] = [[{"role": "user", "content": ins}] for ins in instructions]
+    keys = [str(k) for k in range(len(instructions))]
+    if sampler is not None:
+        got: Any = ((i, s.completions) for i, s in sampler.sample_all(prompts, keys, n=1, temperature=cfg.temperature,
+                                                                       max_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    else:  # a local model (--engine): batched, each batch seeded by its indices
+        from rlhf_cli.engines import local_completions
+        from rlhf_cli.generation import SamplingParams
+
+        opts = cfg.judge_options  # --batch-size, --device, --dtype serve the judge and -m alike
+        params = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        got = local_completions(spec_str, prompts, keys, params, batch_size=opts.batch_size, engine=cfg.engine, memory=cfg.engine_memory,
+                                device=opts.device, dtype=opts.dtype, seed=cfg.seed, trust_remote_code=opts.trust_remote_code)
     texts: list[str] = []
     with progress_bar(True) as bar:
         task = bar.add_task(f"generate {spec_str}", total=len(instructions), stats="")
-        if sampler is not None:
-            got = sampler.sample_all([[{"role": "user", "content": ins}] for ins in instructions], [str(k) for k in range(len(instructions))],
-                                     n=1, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
-            for _, sampled in got:
-                texts.append(sampled.completions[0].text)
-                bar.update(task, advance=1)
-            return texts
-
-        from rlhf_cli import runtime
-        from rlhf_cli.data.records import render_prompt
-        from rlhf_cli.generation import SamplingParams, batch_seed, generate
-        from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
-
-        opts = cfg.judge_options  # --batch-size, --device, --dtype serve the judge and -m alike
-        spec = parse_model_spec(spec_str)
-        tok = load_tokenizer(spec, opts.trust_remote_code)
-        device = runtime.pick_device(opts.device)
-        model = load_model(spec, tok, opts.dtype, opts.trust_remote_code).to(device).eval()
-        params = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-        prompts = [render_prompt(tok, ins, None, "chat") for ins in instructions]
-        for b in range(0, len(prompts), opts.batch_size):
-            chunk = prompts[b : b + opts.batch_size]
-            seed = batch_seed(cfg.seed, [str(k) for k in range(b, b + len(chunk))])
-            texts += [comps[0].text for comps in generate(model, tok, chunk, params, device, seed)]
-            bar.update(task, advance=len(chunk))
-        del model
+        for _, comps in got:
+            texts.append(comps[0].text)
+            bar.update(task, advance=1)
     return texts
 
 

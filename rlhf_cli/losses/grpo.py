@@ -261,6 +261,7 @@ def policy_loss(
     total_tokens: float | None = None,
     total_seqs: float | None = None,
     kl_correction: bool = True,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GrpoStats]:
     """The clipped group-relative surrogate over one microbatch, as a loss to minimise.  -> (scalar, GrpoStats).
 
@@ -279,6 +280,9 @@ def policy_loss(
     clip_high: None means clip_low (symmetric PPO); larger is DAPO's clip-higher. beta: weight of the k3
     KL to the reference, added per token after clipping (grpo_trainer.py:3097-3151); kl_correction=True
     multiplies it by w, TRL 1.16's default `use_bias_correction_kl` (see the module docstring).
+    is_weight: (N, T) truncated importance weights for samples an inference engine drew
+    (losses.ppo.truncated_is_weight), on the clipped surrogate before the KL term, as TRL applies its
+    `importance_sampling_ratio`.
 
     Reduction (loss_type), with the totals of the whole optimizer step so that the caller can split a
     step into microbatches and sum the returned losses (gradient accumulation):
@@ -320,6 +324,8 @@ def policy_loss(
     A = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).to(logp.dtype)  # (N, 1) or (N, T)
     w_clipped = w.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = -torch.min(w * A, w_clipped * A)  # (N, 1) or (N, T); (N, 1) broadcasts over the tokens below
+    if is_weight is not None:
+        per_token = per_token * is_weight  # (N, T)
 
     kl = None
     if ref_logp is not None:

@@ -20,6 +20,7 @@ beta log(pi/pi_SFT), plus gamma * pretraining log-likelihood for PPO-ptx); Schul
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -103,19 +104,23 @@ class PolicyStats:
 
 def policy_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PolicyStats]:
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
         ratio = exp(log pi_new - log pi_old)
-        L     = mean_t max(-A ratio, -A clamp(ratio, 1 - clip, 1 + clip))
+        L     = mean_t w_t max(-A ratio, -A clamp(ratio, 1 - clip, 1 + clip))
 
     logp: (B, T) under the current policy (with grad); old_logp, adv: (B, T) from the rollout.
+    is_weight: (B, T) truncated importance weights for samples drawn by an inference engine
+    (`truncated_is_weight`); w = 1 without one.
     """
     log_ratio = (logp - old_logp) * mask  # 0 on padding: exp stays finite whatever padding holds
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token if is_weight is None else per_token * is_weight, mask)
     with torch.no_grad():
         stats = PolicyStats(
             clipfrac=masked_mean((clipped > unclipped).float(), mask).item(),
@@ -123,6 +128,29 @@ def policy_loss(
             ratio=masked_mean(ratio.float(), mask).item(),
         )
     return loss, stats
+
+
+def truncated_is_weight(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling for samples drawn by an inference engine (vLLM) rather than by
+    the trainer's own forward: w_t = min(pi_old(y_t) / pi_engine(y_t), cap), no gradient.
+
+    The engine's kernels and precision give slightly different probabilities than the trainer's, so
+    the rollout is off-policy by that much; weighting each token's loss by the ratio, truncated at
+    `cap` to bound its variance, corrects it (Yao et al. 2025, "Your Efficient RL Framework Secretly
+    Brings You Off-Policy RL Training"; TRL's `vllm_importance_sampling_correction`, default cap 2).
+    old_logp, engine_logp, mask: (B, T) -> (B, T), 1 on padding."""
+    log_w = (old_logp - engine_logp).masked_fill(~mask.bool(), 0.0)
+    return torch.exp(log_w).clamp(max=cap).detach()
+
+
+def engine_mismatch(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """How far an engine's log-probs are from the trainer's on the same tokens: the mean |delta log p|
+    and the largest probability ratio either way, exp(max |delta|). (B, T) each."""
+    m = mask.bool()
+    d = (old_logp.float() - engine_logp.float()).abs()[m]
+    if d.numel() == 0:
+        return {"engine_logp_diff": 0.0, "engine_ratio_max": 1.0}
+    return {"engine_logp_diff": d.mean().item(), "engine_ratio_max": math.exp(d.max().item())}
 
 
 def value_loss(
