@@ -75,7 +75,20 @@ def main(argv: list[str] | None = None) -> None:
         err.print(f"[bold red]error:[/] {escape(e.message)}", soft_wrap=True)
         if e.hint:
             err.print(f"[dim]hint: {escape(e.hint)}[/]", soft_wrap=True)
-        sys.exit(e.exit_code)
+        _exit(e.exit_code)
+    except SystemExit as e:
+        _exit(e.code if isinstance(e.code, int) else (0 if e.code is None else 1), e)
+
+
+def _exit(code: int, exc: SystemExit | None = None) -> None:
+    """sys.exit, except in a torchrun worker, which leaves without interpreter finalization (runtime.hard_exit)."""
+    from rlhf_cli import runtime
+
+    if runtime.joined_group():
+        runtime.hard_exit(code)
+    if exc is not None:
+        raise exc
+    sys.exit(code)
 
 
 def legacy_resume(argv: list[str]) -> list[str]:

@@ -32,7 +32,33 @@ def init_distributed(device: str) -> Dist:
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        _JOINED.append(True)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+_JOINED: list[bool] = []  # set once this process has joined torchrun's group
+
+
+def joined_group() -> bool:
+    """Whether this process joined a torchrun process group (and so must leave through `hard_exit`)."""
+    return bool(_JOINED)
+
+
+def hard_exit(code: int) -> None:
+    """End a torchrun worker without interpreter finalization: flush, then os._exit.
+
+    Its work is done and on disk (atomic writes, the group destroyed) by now. What is left is the
+    interpreter tearing down C++ state, and there a worker sometimes died of SIGABRT ("terminate called
+    without an active exception", seen with gloo on CPU under load, about 1 launch in 10 in the test
+    suite) after writing everything: torchrun then reports the whole run failed. PyTorch has no fix
+    for it yet (pytorch/pytorch#179291 tried an atexit destroy and was abandoned)."""
+    import contextlib
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+            stream.flush()
+    os._exit(code)
 
 
 def pick_device(device: str, dist: Dist | None = None) -> str:
