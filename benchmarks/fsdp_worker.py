@@ -38,9 +38,17 @@ def main() -> None:
     from rlhf_cli.models import checkpoint
 
     rss_before_save: list[float] = []
+    rss_now: list[float] = []  # VmRSS after the last step: the training state held, without load-time peaks
     real_save = checkpoint.save_checkpoint
 
+    def current_rss_mib() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
     def save_and_note(*a, **kw):
+        rss_now.append(current_rss_mib())
         rss_before_save.append(peak_rss_mib())
         return real_save(*a, **kw)
 
@@ -50,6 +58,7 @@ def main() -> None:
     real_gather = sharding.full_state_dict
 
     def gather_and_note(model):  # the training peak, before the final gather for saving
+        rss_now.append(current_rss_mib())
         rss_before_save.append(peak_rss_mib())
         return real_gather(model)
 
@@ -66,7 +75,9 @@ def main() -> None:
         "rank": rank, "shard": args.shard, "threads": torch.get_num_threads(),
         "step_seconds": [s["tokens"] / s["tokens_per_s"] for s in steps], "step_tokens": [s["tokens"] for s in steps],
         "losses": [s["loss"] for s in steps],
-        "peak_rss_mib_train": rss_before_save[0] if rss_before_save else None, "peak_rss_mib_exit": peak_rss_mib(),
+        # a DDP rank other than 0 saves nothing: its peak at exit is its training peak
+        "peak_rss_mib_train": rss_before_save[0] if rss_before_save else peak_rss_mib(), "peak_rss_mib_exit": peak_rss_mib(),
+        "rss_mib_after_training": rss_now[0] if rss_now else current_rss_mib(),
         "versions": versions("torch", "transformers"),
     })
 

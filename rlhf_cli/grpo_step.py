@@ -65,7 +65,9 @@ def score(cfg: GrpoConfig, judges: list[ScoreJudge], rows: list[PromptRow], b: G
              "frac_reward_zero_std": L.zero_std_groups(rewards, k).float().mean().item(),
              "pass@1": passed.float().mean().item(), f"pass@{k}": passed.any(1).float().mean().item(),
              "completion_length": lengths.mean().item(), "completion_length_max": lengths.max().item(),
-             "clipped_ratio": b.truncated.float().mean().item(), "entropy": masked_mean(b.entropy, b.response_mask).item()}
+             "clipped_ratio": b.truncated.float().mean().item()}
+    if b.rescored:  # (an engine's samples not scored again have no entropy to report)
+        stats["entropy"] = masked_mean(b.entropy, b.response_mask).item()
     if len(judges) > 1 or cfg.overlong_buffer:
         stats.update({f"reward/{spec}": p.mean().item() for spec, p in zip(cfg.judge, per, strict=True)})
     return rewards, stats
@@ -114,11 +116,27 @@ def update(s: Session, cfg: GrpoConfig, b: GroupBatch, adv: torch.Tensor, mask: 
     chunk = mb // cfg.train.grad_accum
     beta = 0.0 if cfg.advantage == "reinforce++" else cfg.beta  # reinforce++ has its KL in the reward already
     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
-    is_w = None  # --engine-logprobs: truncated importance weights for the engine's samples
-    if cfg.engine_logprobs and b.engine_logp is not None:
-        from rlhf_cli.losses.ppo import truncated_is_weight
+    from rlhf_cli.losses.ppo import engine_mismatch, truncated_is_weight
 
+    is_w = None  # --engine-logprobs: truncated importance weights for the engine's samples
+    if cfg.engine_logprobs and b.engine_logp is not None and b.rescored:
         is_w = truncated_is_weight(b.logp, b.engine_logp, mask, cfg.tis_cap)
+    diff = [0.0, 0.0, 0.0]  # not rescored: |old - engine| summed over tokens, tokens, the largest |old - engine|
+
+    def measure(old: torch.Tensor, c: torch.Tensor) -> None:  # the engine/trainer mismatch on rows c
+        assert b.engine_logp is not None
+        m = engine_mismatch(old, b.engine_logp[c], b.response_mask[c])
+        n_tok = float(b.response_mask[c].sum().item())
+        diff[:] = [diff[0] + m["engine_logp_diff"] * n_tok, diff[1] + n_tok, max(diff[2], math.log(m["engine_ratio_max"]))]
+
+    def measure_only(minib: torch.Tensor) -> None:
+        """A skipped minibatch of an engine's samples not scored yet: one no-grad forward, so the
+        mismatch is still logged every step (a zero-signal step costs a forward, not a backward)."""
+        if not b.rescored:
+            with torch.no_grad():
+                for c in minib.split(chunk):
+                    measure(s.forward(b.ids[c], b.mask[c], b.prompt_width, b.response[c], b.response_mask[c]), c)
+
     sums: dict[str, float] = {}
     steps = skipped = 0
     for _ in range(cfg.iterations):
@@ -126,12 +144,14 @@ def update(s: Session, cfg: GrpoConfig, b: GroupBatch, adv: torch.Tensor, mask: 
         for minib in order.to(b.ids.device).split(mb):
             tokens = runtime.all_reduce_sum(float(mask[minib].sum().item()), s.env.device)
             if tokens == 0:  # every sample masked out (--skip-zero-std, --mask-truncated): nothing to learn
+                measure_only(minib)
                 skipped += 1
                 continue
             if not beta and not runtime.all_reduce_sum(float((adv[minib] != 0).sum().item()), s.env.device):
                 # every advantage is 0 (0/1 rewards, all groups alike) and there is no KL term: the gradient
                 # is exactly 0, so the forward and backward are skipped; the optimizer still steps on zeros,
                 # so AdamW's moments decay exactly as they would have
+                measure_only(minib)
                 for p in s.params:
                     p.grad = torch.zeros_like(p)
                 sums["zero_signal_share"] = sums.get("zero_signal_share", 0.0) + 1
@@ -143,11 +163,18 @@ def update(s: Session, cfg: GrpoConfig, b: GroupBatch, adv: torch.Tensor, mask: 
             for j, c in enumerate(parts):
                 with s.no_sync(j == len(parts) - 1):
                     logp = s.forward(b.ids[c], b.mask[c], b.prompt_width, b.response[c], b.response_mask[c])
-                    loss, st = L.policy_loss(logp, b.logp[c], adv[c], mask[c], loss_type=cfg.loss, clip_low=cfg.clip,
+                    old, w_c = b.logp[c], None if is_w is None else is_w[c]
+                    if not b.rescored:  # one pass, one minibatch: this forward is at the sampling weights
+                        assert b.engine_logp is not None
+                        old = logp.detach()
+                        measure(old, c)
+                        if cfg.engine_logprobs:
+                            w_c = truncated_is_weight(old, b.engine_logp[c], mask[c], cfg.tis_cap)
+                    loss, st = L.policy_loss(logp, old, adv[c], mask[c], loss_type=cfg.loss, clip_low=cfg.clip,
                                              clip_high=cfg.clip_high, importance=cfg.importance_sampling,
                                              ref_logp=None if ref_logp is None else ref_logp[c], beta=beta,
                                              max_len=cfg.max_new_tokens, total_tokens=tokens, total_seqs=float(mb * world),
-                                             is_weight=None if is_w is None else is_w[c])
+                                             is_weight=w_c)
                     if not math.isfinite(loss.item()):
                         raise diverged(cfg, step, f"the loss is {loss.item()}")
                     (loss * world).backward()
@@ -163,4 +190,6 @@ def update(s: Session, cfg: GrpoConfig, b: GroupBatch, adv: torch.Tensor, mask: 
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
             steps += 1
     out = {k: v / max(1, steps) for k, v in sums.items()}  # means over the optimizer steps
+    if diff[1]:
+        out.update(engine_logp_diff=diff[0] / diff[1], engine_ratio_max=math.exp(diff[2]))
     return {**out, "optimizer_steps": float(steps), "skipped_minibatches": float(skipped)}

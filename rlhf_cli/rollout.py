@@ -148,14 +148,17 @@ class GroupBatch(NamedTuple):
     truncated: torch.Tensor  # (N,) bool: cut off at max_new_tokens without EOS
     completions: list[Completion]
     engine_logp: torch.Tensor | None = None  # (N, G) the inference engine's log-probs, when an engine sampled
+    rescored: bool = True  # False: an engine sampled and `logp` / `entropy` wait for the update's own forward
 
 
 @torch.no_grad()
 def sample_groups(model: nn.Module, tok: Any, chunks: list[tuple[list[list[int]], int]], params: SamplingParams, device: str,
-                  pad: int, engine: Any = None) -> GroupBatch:
+                  pad: int, engine: Any = None, rescore: bool = True) -> GroupBatch:
     """params.n samples of each prompt, one sampling call per (prompts, seed) chunk. Our KV-cached sampler
     keeps its own log-probs and entropy (the behaviour policy: no second forward); samples an inference
-    `engine` drew (engines/vllm.py) are scored again by the trainer's forward, their log-probs kept apart."""
+    `engine` drew (engines/vllm.py) are scored again by the trainer's forward, their log-probs kept apart.
+    rescore=False skips that forward when the update's first forward is at the sampling weights anyway
+    (one pass, one minibatch: grpo_step.update then takes the old log-probs from it, as TRL does)."""
     comps: list[Completion] = []
     rows: list[list[int]] = []
     for prompts, seed in chunks:
@@ -167,6 +170,9 @@ def sample_groups(model: nn.Module, tok: Any, chunks: list[tuple[list[list[int]]
     p, g = prompt_ids.shape[1], response.shape[1]
     logp = torch.tensor([(c.logprobs or []) + [0.0] * (g - len(c.token_ids)) for c in comps], device=device)  # (N, G)
     truncated = torch.tensor([c.finish_reason != "stop" for c in comps], device=device)
+    if engine is not None and not rescore:
+        return GroupBatch(ids, mask, p, response, rmask, logp * rmask, torch.zeros_like(logp), truncated, comps,
+                          engine_logp=logp * rmask, rescored=False)
     if engine is not None:
         old, ent = trainer_logprobs(model, _Rows(ids, mask, p, response, rmask), params.temperature)
         return GroupBatch(ids, mask, p, response, rmask, old, ent, truncated, comps, engine_logp=logp * rmask)

@@ -23,7 +23,7 @@ from rlhf_cli.generation import generate
 from rlhf_cli.losses import grpo as G
 from rlhf_cli.losses import ppo as P
 
-RULE = "def lower(completion, row):\n    return sum('a' <= ch <= 'z' for ch in completion) / 8\n"
+RULE = "def lower(completion, row):\n    return sum('a' <= ch <= 'z' for ch in completion) / 8\n\ndef const(completion, row):\n    return 1.0\n"
 
 
 class CopyEngine:
@@ -113,6 +113,36 @@ def test_the_engine_follows_the_policy_and_its_mismatch_is_logged(tmp_path, file
     run(cfg(files, tmp_path / "stale"))
     stale = metrics_rows(tmp_path / "stale")
     assert stale[0]["engine_logp_diff"] < 1e-5 and min(r["engine_logp_diff"] for r in stale[1:]) > 1e-3, stale
+
+
+def test_grpo_takes_old_logprobs_from_the_update_when_on_policy(tmp_path, files, engines, monkeypatch):
+    """One pass over one minibatch: no extra forward for the old log-probs (the update's own is at the
+    sampling weights); two passes: the trainer scores the samples first. Same mismatch either way."""
+    from rlhf_cli import rollout
+    from rlhf_cli.commands.grpo import run
+
+    rescores = []
+    real = rollout.trainer_logprobs
+    monkeypatch.setattr(rollout, "trainer_logprobs", lambda *a, **k: rescores.append(1) or real(*a, **k))
+    run(grpo_cfg(files, tmp_path / "one"))
+    assert rescores == []
+    one = metrics_rows(tmp_path / "one")
+    assert all(r["engine_logp_diff"] < 1e-5 and r["ratio"] == 1.0 and "entropy" not in r for r in one), one
+    run(grpo_cfg(files, tmp_path / "two", iterations=2))
+    assert len(rescores) == 3  # once a step
+    two = metrics_rows(tmp_path / "two")
+    assert all(r["engine_logp_diff"] < 1e-5 and r["entropy"] > 0 for r in two), two
+
+
+def test_the_mismatch_is_logged_when_the_update_is_skipped(tmp_path, files, engines):
+    """A constant reward: every advantage is 0, the update skips its forward and backward, yet each step
+    still logs how far the engine is from the trainer (one no-grad forward)."""
+    from rlhf_cli.commands.grpo import run
+
+    prompts, rules = files
+    run(grpo_cfg(files, tmp_path / "const", judge=(f"rule:{rules}:const",)))
+    rows = metrics_rows(tmp_path / "const")
+    assert all(r["zero_signal_share"] == 1.0 and r["engine_logp_diff"] < 1e-5 for r in rows), rows
 
 
 def test_engine_logprobs_weights_the_loss_by_truncated_ratios(tmp_path, files, engines):

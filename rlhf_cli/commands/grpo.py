@@ -318,6 +318,10 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
     s = training.start(env, t, model, fwd, key=_resume_key(cfg, dist.world))
     engine = start_engine(cfg.engine, model, tok, t.state_dir / "engine-model", "bf16" if t.dtype == "bf16" else "fp32",
                           cfg.engine_memory, t.seed, cfg.max_prompt_len + cfg.max_new_tokens)
+    # an engine's samples need the trainer's old log-probs; with one pass over one minibatch the update's
+    # own forward is at the sampling weights, so it supplies them (no extra forward; TRL does the same)
+    n_step = cfg.batch_size * cfg.group_size
+    on_policy = cfg.iterations == 1 and (cfg.minibatch_size or n_step) == n_step and not (cfg.advantage == "reinforce++" and cfg.beta)
     sampling = SamplingParams(cfg.group_size, cfg.temperature, cfg.top_p, 0, cfg.max_new_tokens, t.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ref_from = "none (beta 0)" if not cfg.beta else (cfg.ref or cfg.model) if ref is not None else "the policy with its LoRA adapter disabled"
@@ -342,13 +346,13 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
             chunks = [([prompt_ids[i] for i in idx[c : c + gb]], batch_seed(t.seed, [f"step{step}"] + [str(rows[i].id) for i in idx[c : c + gb]]))
                       for c in range(0, per, gb)]
             with env.autocast, full_params(s.forward):  # --shard full: weights gathered once, not per decode step
-                b = sample_groups(model, tok, chunks, sampling, device, pad, engine)
+                b = sample_groups(model, tok, chunks, sampling, device, pad, engine, rescore=not on_policy)
             runtime.release_cache(device)
             t1 = time.perf_counter()
 
             # 2. rewards: the weighted judges, the overlong penalty; group advantages
             rewards, stats = score(cfg, judges, batch_rows, b, device, step)
-            if b.engine_logp is not None:  # how far the engine's numbers are from the trainer's, every step
+            if b.engine_logp is not None and b.rescored:  # how far the engine's numbers are from the trainer's
                 stats.update(engine_mismatch(b.logp, b.engine_logp, b.response_mask))
             t2 = time.perf_counter()
             with full_params(s.forward) if ref is None and cfg.beta else contextlib.nullcontext():  # the adapter-free policy
