@@ -8,7 +8,7 @@ boundaries as ppo_worker_trl.py does on TRL's loop:
                                 its Rollout gives each response's token count (EOS included), the
                                 EOS share and the decode width
   rlhf_cli.rollout.generate     sampling (inside collect)
-  rlhf_cli.commands.ppo.update  the PPO update (ppo_epochs x minibatches of forward/backward/step)
+  rlhf_cli.ppo_step.update      the PPO update (ppo_epochs x minibatches of forward/backward/step)
 Per step: generate = sampling; score = sampling end -> update start (old log-probs + values +
 reference forwards, the reward model, KL-shaped rewards, GAE, whitening); train = update;
 other = the rest (prompt batch, metrics line, progress bar). The loop's own per-step clock
@@ -41,7 +41,7 @@ def main() -> None:
     set_threads()
     import torch
 
-    from rlhf_cli import rollout
+    from rlhf_cli import ppo_step, rollout
     from rlhf_cli.commands import ppo
     from rlhf_cli.models import checkpoint
 
@@ -54,7 +54,7 @@ def main() -> None:
     marks: list[dict[str, float]] = []
     rows: dict[str, list] = {"response_tokens": [], "response_width": [], "eos_share": []}
     save: dict[str, float] = {}
-    real_collect, real_generate, real_update, real_save = rollout.collect, rollout.generate, ppo.update, checkpoint.save_checkpoint
+    real_collect, real_generate, real_update, real_save = rollout.collect, rollout.generate, ppo_step.update, checkpoint.save_checkpoint
 
     def collect(*a, **kw):
         starts.append(time.perf_counter())
@@ -82,7 +82,7 @@ def main() -> None:
         save["t"], save["cpu"], save["rss"] = time.perf_counter(), time.process_time(), peak_rss_mib()
         return real_save(*a, **kw)
 
-    rollout.collect, rollout.generate, ppo.update, checkpoint.save_checkpoint = collect, generate, update, save_checkpoint
+    rollout.collect, rollout.generate, ppo_step.update, checkpoint.save_checkpoint = collect, generate, update, save_checkpoint
     opt_steps = [0]  # every optimizer's step(), process-wide (ppo.run builds one AdamW)
     from torch.optim.optimizer import register_optimizer_step_post_hook
 

@@ -14,7 +14,6 @@ KL to the reference, estimate advantages with GAE, and take clipped policy/value
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,14 +55,12 @@ from rlhf_cli.options import (
 )
 
 if TYPE_CHECKING:
-    import torch
 
     from rlhf_cli.data.records import PromptRow, SftRow
-    from rlhf_cli.data.sft_data import SftStream
     from rlhf_cli.judges import JudgeOptions
     from rlhf_cli.judges.base import ScoreJudge
     from rlhf_cli.losses.ppo import KLController
-    from rlhf_cli.rollout import Models, Rollout
+    from rlhf_cli.rollout import Models
     from rlhf_cli.training import Session
 
 PPO = "PPO"
@@ -247,7 +244,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
 
     import torch
 
-    from rlhf_cli import runtime, training
+    from rlhf_cli import ppo_step, runtime, training
     from rlhf_cli.data.records import render_prompt
     from rlhf_cli.data.sft_data import SftStream
     from rlhf_cli.generation import SamplingParams, batch_seed
@@ -307,7 +304,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
             t2 = time.perf_counter()
 
             # 3. KL-shaped per-token rewards, GAE, whitened advantages
-            adv, returns, stats = advantages(ro, raw, norm, kl_ctl.beta, cfg)
+            adv, returns, stats = ppo_step.advantages(ro, raw, norm, kl_ctl.beta, cfg)
             if ro.engine_logp is not None:  # how far the engine's numbers are from the trainer's, every step
                 stats.update(engine_mismatch(ro.logp, ro.engine_logp, ro.response_mask))
 
@@ -316,7 +313,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
             if engine is not None:
                 engine.sleep()  # hand the accelerator memory to the update (a no-op on CPU)
             with env.autocast:
-                stats.update(update(s, models, ro, adv, returns, ptx_batches, cfg, step))
+                stats.update(ppo_step.update(s, models, ro, adv, returns, ptx_batches, cfg, step))
             runtime.release_cache(device)
             if engine is not None:
                 engine.sync_from(pv.policy)  # the next rollout samples from the updated policy (LoRA: merged)
@@ -372,82 +369,6 @@ def save(s: Session, cfg: PpoConfig, models: Models, last: dict[str, Any]) -> No
     training.finish(s, "ppo", cfg, models.pv.policy, models.tok, inputs, last, parent=cfg.model)
     if s.env.dist.main and last:
         info(f"saved {cfg.out}  reward {last['reward']:+.3f}  kl {last['kl']:.3f}  response length {last['response_length']:.1f}")
-
-
-def advantages(ro: Rollout, raw: torch.Tensor, norm: tuple[float, float], beta: float, cfg: PpoConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Steps 2-3 as math: shaped score -> per-token rewards with the KL penalty -> GAE -> whitening."""
-    from rlhf_cli import kernels
-    from rlhf_cli.losses import ppo as L
-
-    m = ro.response_mask
-    score = L.shaped_score(raw, ro.has_eos, norm[0], norm[1], cfg.reward_clip, cfg.no_eos_penalty)  # (n,)
-    kl = L.kl_estimate(ro.logp, ro.ref_logp, cfg.kl_estimator) * m  # (n, G)
-    rewards = L.token_rewards(score, kl, beta, m)  # (n, G)
-    adv, returns = kernels.gae(rewards, ro.values, m, cfg.gamma, cfg.lam)
-    adv = kernels.masked_whiten(adv, m)
-    k1 = L.kl_estimate(ro.logp, ro.ref_logp, "k1") * m
-    k3 = L.kl_estimate(ro.logp, ro.ref_logp, "k3") * m
-    lengths = m.sum(1).float()
-    stats = {"reward": raw.mean().item(), "reward_std": raw.std(unbiased=False).item(), "reward_norm": score.mean().item(),
-             "kl": k1.sum(1).mean().item(), "kl_k3": k3.sum(1).mean().item(),
-             "entropy": L.masked_mean(ro.entropy, m).item(), "response_length": lengths.mean().item(),
-             "eos_share": ro.has_eos.float().mean().item(), "value_mean": L.masked_mean(ro.values, m).item(),
-             "return_mean": L.masked_mean(returns, m).item()}
-    return adv, returns, stats
-
-
-def update(s: Session, models: Models, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, ptx: SftStream | None,
-           cfg: PpoConfig, step: int) -> dict[str, float]:
-    """Step 4: `ppo_epochs` seeded passes over the rollout in minibatches, one optimizer step each.
-
-    Policy and value gradients are clipped separately (their scales differ by orders of magnitude,
-    so one global norm would let the value loss throttle the policy), then one AdamW step.
-    """
-    import torch
-
-    from rlhf_cli.losses import ppo as L
-    from rlhf_cli.training import global_grad_norm_clip
-
-    pv = models.pv
-    n, mb = len(ro.completions), cfg.minibatch_size // s.env.dist.world
-    policy_params = [p for p in pv.policy.parameters() if p.requires_grad]
-    value_params = [p for p in pv.value.parameters() if p.requires_grad]
-    sums: dict[str, float] = {}
-    count = 0
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
-    is_w = None  # --engine-logprobs: truncated importance weights for the engine's samples
-    if cfg.engine_logprobs and ro.engine_logp is not None:
-        is_w = L.truncated_is_weight(ro.logp, ro.engine_logp, ro.response_mask, cfg.tis_cap)
-    for _ in range(cfg.ppo_epochs):
-        for idx in torch.randperm(n, generator=gen).split(mb):
-            idx = idx.to(ro.ids.device)
-            m = ro.response_mask[idx]
-            batch = ptx.next() if ptx is not None else None
-            out = s.forward(ro.ids[idx], ro.mask[idx], ro.prompt_width, ro.response[idx], m, batch)
-            logp, _entropy, values = out[:3]
-            pg, pstats = L.policy_loss(logp, ro.logp[idx], adv[idx], m, cfg.clip, None if is_w is None else is_w[idx])
-            vf, vf_clipfrac = L.value_loss(values, ro.values[idx], returns[idx], m, cfg.clip_value)
-            loss = pg + cfg.vf_coef * vf
-            row = {"policy_loss": pg.item(), "value_loss": vf.item(), "clipfrac": pstats.clipfrac,
-                   "vf_clipfrac": vf_clipfrac, "approx_kl": pstats.approx_kl, "ratio": pstats.ratio}
-            if batch is not None:
-                ptx_loss = out[3] / max(1, int((batch["labels"][:, 1:] != -100).sum()))
-                loss = loss + cfg.ptx_coef * ptx_loss
-                row["ptx_loss"] = ptx_loss.item()
-            if not math.isfinite(loss.item()):
-                raise diverged(cfg, step, f"the loss is {loss.item()} (policy {pg.item()}, value {vf.item()})")
-            s.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            row["grad_norm"] = global_grad_norm_clip(policy_params, cfg.train.max_grad_norm)
-            row["value_grad_norm"] = global_grad_norm_clip(value_params, cfg.train.max_grad_norm)
-            if not (math.isfinite(row["grad_norm"]) and math.isfinite(row["value_grad_norm"])):
-                raise diverged(cfg, step, "a gradient is not finite")
-            s.optimizer.step()
-            for k, v in row.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-    s.optimizer.zero_grad(set_to_none=True)
-    return {k: v / count for k, v in sums.items()}
 
 
 HINT = "resume with --resume and a lower --lr / --kl-coef, or check the reward"
