@@ -64,6 +64,11 @@ def summary(out: Path) -> None:
         print(f"{label:42} {g:>8} {s:>17}")
     m = json.loads((out / "rm" / "rlhf.json").read_text())["metrics"]
     print(f"reward model: held-out pairwise accuracy {m['eval_accuracy']:.1%} (training set {m['train_accuracy']:.1%})")
+    best_of = out / "eval_best_of_n.json"
+    if best_of.is_file():  # the SFT policy's best-of-n at T=1.5 with the reward model as the judge
+        r = json.loads(best_of.read_text())["results"][0]
+        curve = "  ".join(f"n={k[len('best_of_'):]} {v:.1%}" for k, v in r.items() if k.startswith("best_of_") and not k.endswith("_stderr"))
+        print(f"best-of-n, SFT at T=1.5, the reward model choosing: {curve}  (majority vote of 8: {r['exact_match']:.1%})")
 
 
 def main() -> None:

@@ -8,7 +8,8 @@
 #   4. rlhf ppo against that reward model, KL to the SFT policy -> demo-out/ppo/ + the curves (rlhf plot)
 #   5. rlhf dpo on the same preference pairs, no reward model   -> demo-out/dpo/
 #   6. rlhf grpo on the PPO prompts with the rule itself as the reward, K=4 per prompt -> demo-out/grpo/
-#   7. rlhf eval exact: base vs SFT vs PPO vs DPO vs GRPO on the held-out sums, greedy and sampled at T=1.5
+#   7. rlhf eval exact: base vs SFT vs PPO vs DPO vs GRPO on the held-out sums, greedy and sampled at T=1.5,
+#      and best-of-n: the reward model picks one of n SFT samples (n = 1, 2, 4, 8)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-demo-out}
@@ -58,5 +59,8 @@ $RLHF eval exact "$OUT/test.jsonl" -m builtin:tiny -m "$OUT/sft" -m "$OUT/ppo" -
 echo "== rlhf eval exact: held-out sums, 4 samples at T=1.5 (sample_accuracy: one sample; exact_match: majority)" >&2
 $RLHF eval exact "$OUT/test.jsonl" -m "$OUT/sft" -m "$OUT/ppo" -m "$OUT/dpo" -m "$OUT/grpo" --format chat --extract exact \
     --max-new-tokens 6 -b 100 -n 4 --temperature 1.5 > "$OUT/eval_t15.json"
+echo "== rlhf eval exact: best-of-n, 8 samples of the SFT policy at T=1.5, the reward model keeps one (n = 1, 2, 4, 8)" >&2
+$RLHF eval exact "$OUT/test.jsonl" -m "$OUT/sft" --format chat --extract exact --max-new-tokens 6 -b 100 -n 8 --temperature 1.5 \
+    --select rm:"$OUT/rm" --plot "$OUT/best_of_n.png" > "$OUT/eval_best_of_n.json"
 python examples/arithmetic.py summary "$OUT"
-echo "curves: $OUT/ppo_curves.png   eval: $OUT/eval_greedy.png" >&2
+echo "curves: $OUT/ppo_curves.png   eval: $OUT/eval_greedy.png   best-of-n: $OUT/best_of_n.png" >&2

@@ -13,8 +13,9 @@ import typer
 from rich.markup import escape
 
 from rlhf_cli import __version__
-from rlhf_cli.commands import dpo, grpo, pairwise, plot, ppo, sample, sft, train_rm
+from rlhf_cli.commands import dpo, grpo, known, pairwise, plot, ppo, sample, sft, train_rm
 from rlhf_cli.commands import eval as eval_cmd
+from rlhf_cli.commands import select as select_cmd
 from rlhf_cli.console import err, quiet_libraries
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.options import STREAM
@@ -40,7 +41,9 @@ app.command("train-rm", no_args_is_help=True)(train_rm.command)
 app.command("ppo", no_args_is_help=True)(ppo.command)
 app.command("dpo", no_args_is_help=True)(dpo.command)
 app.command("grpo", no_args_is_help=True)(grpo.command)
+app.command("select", no_args_is_help=True, context_settings=STREAM)(select_cmd.command)
 app.command("plot", no_args_is_help=True)(plot.command)
+app.command("known", no_args_is_help=True)(known.command)
 app.add_typer(eval_cmd.app, name="eval")
 
 

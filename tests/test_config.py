@@ -21,10 +21,12 @@ def _configs() -> dict[str, type]:
     """Every command, as typed -> its config class."""
     from rlhf_cli.commands.dpo import DpoConfig
     from rlhf_cli.commands.grpo import GrpoConfig
+    from rlhf_cli.commands.known import KnownConfig
     from rlhf_cli.commands.pairwise import PairwiseConfig
     from rlhf_cli.commands.plot import PlotConfig
     from rlhf_cli.commands.ppo import PpoConfig
     from rlhf_cli.commands.sample import SampleConfig
+    from rlhf_cli.commands.select import SelectConfig
     from rlhf_cli.commands.sft import SftConfig
     from rlhf_cli.commands.train_rm import RmConfig
     from rlhf_cli.evals.code import CodeConfig
@@ -36,7 +38,8 @@ def _configs() -> dict[str, type]:
 
     return {"sft": SftConfig, "train-rm": RmConfig, "ppo": PpoConfig, "sample": SampleConfig, "pairwise": PairwiseConfig,
             "plot": PlotConfig, "eval exact": ExactConfig, "eval rm": RmEvalConfig, "eval ppl": PplConfig, "eval mc": McConfig,
-            "eval winrate": WinrateConfig, "eval code": CodeConfig, "dpo": DpoConfig, "grpo": GrpoConfig}
+            "eval winrate": WinrateConfig, "eval code": CodeConfig, "dpo": DpoConfig, "grpo": GrpoConfig, "known": KnownConfig,
+            "select": SelectConfig}
 
 
 def test_every_command_is_covered():

@@ -89,6 +89,23 @@ def test_regex_rule_first_group_vs_reference() -> None:
     assert scores(r"rule:regex:\d+ apples", ["3 apples", "three apples"], answer="3 apples") == [1.0, 0.0]
 
 
+def test_contains_finds_the_reference_as_whole_words() -> None:
+    comps = ["The capital is Paris.", "PARIS", "paris, france", "Parisian food", "It is Lyon", "Comparison", "  'Paris' "]
+    assert scores("rule:contains", comps, answer="Paris") == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    # multi-word references: case and inner whitespace normalised, whole words on both ends
+    assert scores("rule:contains", ["It's in New  York City", "new yorker", "York, New"], answer="new york") == [1.0, 0.0, 0.0]
+    # numbers: not inside a longer number, across a decimal point or a thousands comma; a JSON number works
+    comps = ["it is 4", "42", "4.5", "1,400", "14", "4, then 5", "about 4."]
+    assert scores("rule:contains", comps, answer="4") == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    assert scores("rule:contains", comps, answer=4) == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    assert scores("rule:contains", ["pi is 3.14 or so", "3.141"], answer=3.14) == [1.0, 0.0]
+    # a list reference accepts any entry; an empty or boolean reference matches nothing
+    assert scores("rule:contains", ["I live in NYC", "Boston"], answer=["New York", "NYC"]) == [1.0, 0.0]
+    assert scores("rule:contains", ["anything", ""], answer=" . ") == [0.0, 0.0]
+    assert scores("rule:contains", ["True", "true"], answer=True) == [0.0, 0.0]
+    assert scores("rule:contains", ["a"]) == [None]  # no reference: unscored, as every rule
+
+
 def test_list_reference_accepts_any_entry() -> None:
     assert scores("rule:exact", ["NYC", "New York", "Boston"], answer=["new york", "nyc"]) == [1.0, 1.0, 0.0]
 

@@ -39,7 +39,7 @@ def detect_format(d: dict[str, Any]) -> str | None:
     return None
 
 
-def read_items(path: str, fmt: str | None = None) -> tuple[str, list[Item]]:
+def read_items(path: str, fmt: str | None = None, min_completions: int = 2) -> tuple[str, list[Item]]:
     """Sample rows or a labelled set (any format above) as judge Items with ids assigned."""
     lines = load_records(path)
     fmt = fmt or detect_format(lines[0].data) or "samples"
@@ -48,7 +48,7 @@ def read_items(path: str, fmt: str | None = None) -> tuple[str, list[Item]]:
     elif fmt == "llmbar":
         items = [_llmbar(line) for line in lines]
     else:
-        items = [parse_sample_row(line) for line in lines]
+        items = [parse_sample_row(line, min_completions) for line in lines]
     return fmt, assign_item_ids(items)
 
 

@@ -223,8 +223,9 @@ def render_prompt(tok: Any, prompt: str | None, messages: Any, fmt: str) -> list
     return tok(prompt)["input_ids"]
 
 
-def parse_sample_row(line: Line) -> Item:
-    """Validate one sample row (a prompt row + `completions`, K >= 2 strings) into a judge `Item`.
+def parse_sample_row(line: Line, min_completions: int = 2) -> Item:
+    """Validate one sample row (a prompt row + `completions`, K >= 2 strings; `select` takes K >= 1)
+    into a judge `Item`.
 
     The id is kept if given; rows without one get it from `assign_item_ids` (the same content hash
     `sample` would have assigned).
@@ -235,8 +236,9 @@ def parse_sample_row(line: Line) -> Item:
         raise RlhfError(f"{line.where}: no 'completions' field, expected {SAMPLE_SHAPE}", "make sample rows with `rlhf sample -n K`")
     if not isinstance(comps, list) or not all(isinstance(c, str) for c in comps):
         raise RlhfError(f"{line.where}: 'completions' must be a list of strings, expected {SAMPLE_SHAPE}")
-    if len(comps) < 2:
-        raise RlhfError(f"{line.where}: 'completions' has {len(comps)} string(s); comparing needs at least 2", "sample with -n 2 or more")
+    if len(comps) < min_completions:
+        need = "comparing needs at least 2" if min_completions == 2 else f"at least {min_completions} needed"
+        raise RlhfError(f"{line.where}: 'completions' has {len(comps)} string(s); {need}", f"sample with -n {min_completions} or more")
     prompt = _need_str(line, "prompt") if prow.messages is None else render_messages(prow.messages)
     return Item(prow.id, prompt, tuple(comps), line.data, prow.messages, line.where)
 

@@ -44,6 +44,7 @@ from rlhf_cli.data.jsonl import read_jsonl
 from rlhf_cli.engines import ENGINES
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, parse_fields
+from rlhf_cli.evals.best_of import SelectOpt
 from rlhf_cli.evals.sandbox import Sandbox, run_programs
 from rlhf_cli.options import (
     ConfigOpt,
@@ -78,6 +79,7 @@ class CodeConfig:
     canonical: bool = False
     allow_code_exec: bool = False
     n: int = 1
+    select: str | None = None  # with n > 1: a score judge picks each problem's candidate (best-of-n)
     ks: tuple[int, ...] = ()  # () = 1, 10, 100 where every problem has that many samples
     temperature: float | None = None  # None = 0.2 when n > 1 (Codex paper), else greedy
     top_p: float = 0.95
@@ -129,6 +131,7 @@ def command(
     canonical: Annotated[bool, typer.Option("--canonical", help="Score each problem's canonical_solution (checks data + sandbox).")] = CodeConfig.canonical,
     allow_code_exec: Annotated[bool, typer.Option("--allow-code-exec", help="Required: run model-written code on this machine.")] = CodeConfig.allow_code_exec,
     n: Annotated[int, typer.Option("-n", "--n", help="Samples per problem from each --model.")] = CodeConfig.n,
+    select: SelectOpt = CodeConfig.select,
     ks: Annotated[list[int] | None, typer.Option("--k", help="pass@k to report (repeatable; default 1, 10, 100 up to n).")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", "-t", help="Default 0.2 when n > 1, else 0 (greedy).")] = CodeConfig.temperature,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (Codex: 0.95).")] = CodeConfig.top_p,
@@ -164,7 +167,8 @@ def command(
     completion or chat reply, extracted: the code run from a chat reply, outcome, error). Refuses to
     run anything without --allow-code-exec. -m api:MODEL generates on an OpenAI-compatible server
     (--base-url; exit 3 at --max-cost, nothing scored; --config sets max-retries and api-timeout).
-    --engine vllm generates with in-process vLLM (pip install 'rlhf-cli[vllm]').
+    --engine vllm generates with in-process vLLM (pip install 'rlhf-cli[vllm]'). With -n K --select
+    JUDGE: best_of_1, 2, 4 ... K, the pass rate of the candidate the judge scores highest among n.
 
     Examples:
 
@@ -175,6 +179,8 @@ def command(
       rlhf eval code HumanEval.jsonl.gz -m HuggingFaceTB/SmolLM2-135M-Instruct --format chat --allow-code-exec
 
       rlhf eval code HumanEval.jsonl.gz --canonical --allow-code-exec
+
+      rlhf eval code HumanEval.jsonl.gz -m sft/ -n 8 -t 0.8 --select rm:rm/ --allow-code-exec --plot best_of_n.png
 
       rlhf eval code HumanEval.jsonl.gz -m api:gpt-4o-mini --format chat -n 5 -t 0.8 --max-cost 2 --allow-code-exec
     """
@@ -334,6 +340,8 @@ def validate(cfg: CodeConfig) -> dict[str, str]:
         raise RlhfError(f"--k must be >= 1; got {list(cfg.ks)}")
     if cfg.temperature == 0 and cfg.n > 1:
         raise RlhfError("-n > 1 with --temperature 0 gives n identical samples", "use a temperature > 0, or leave it unset (0.2)")
+    if cfg.select and cfg.models and cfg.n < 2:
+        raise RlhfError("--select chooses among samples: it needs -n K >= 2", "e.g. -n 8 -t 0.8 --select rm:rm/")
     return parse_fields(list(cfg.fields), FIELDS)
 
 
@@ -341,6 +349,7 @@ def run(cfg: CodeConfig) -> list[EvalResult]:
     from rlhf_cli.api_generation import api_samplers
     from rlhf_cli.engines import check_engine
     from rlhf_cli.evals.base import report
+    from rlhf_cli.evals.best_of import plot_curve, select_judge
     from rlhf_cli.models.loading import parse_model_spec
 
     # 1. validate every input before any model or program runs
@@ -355,6 +364,7 @@ def run(cfg: CodeConfig) -> list[EvalResult]:
         parse_model_spec(m)
     check_engine(cfg.engine, cfg.models)
     box = Sandbox(timeout=cfg.timeout, memory_mb=cfg.memory_mb)
+    judge = select_judge(cfg.select, cfg.device, cfg.dtype, cfg.batch_size, cfg.seed, cfg.trust_remote_code) if cfg.select else None
     samplers = api_samplers(cfg.models, cfg.api, cfg.seed)  # api: models checked (key, URL, prices), nothing sent
 
     # 2. candidates per source, then 3. execute and score
@@ -363,16 +373,20 @@ def run(cfg: CodeConfig) -> list[EvalResult]:
         sources.append(("canonical", {p.task_id: [p.canonical_solution or ""] for p in problems}, {}))
     sources += [(path, cands, {}) for path, cands in given]
     results = []
-    for label, cands, reasons in sources:
-        results.append(score(label, problems, cands, cfg, box, reasons))
     try:
+        for label, cands, reasons in sources:
+            results.append(score(label, problems, cands, cfg, box, reasons, judge=judge))
         for m in cfg.models:
             cands, reasons = generate_candidates(cfg, m, problems, samplers.get(m))
-            results.append(score(m, problems, cands, cfg, box, reasons, chat=cfg.format == "chat"))
+            results.append(score(m, problems, cands, cfg, box, reasons, chat=cfg.format == "chat", judge=judge))
     finally:
         for sampler in samplers.values():
             sampler.close()
-    report(results, cfg.problems, cfg.log_samples, cfg.plot)
+        if judge is not None:
+            judge.close()
+    report(results, cfg.problems, cfg.log_samples, None if judge else cfg.plot)
+    if judge is not None and cfg.plot:
+        plot_curve(results, cfg.plot, "pass rate")
     return results
 
 
@@ -410,9 +424,10 @@ def generate_candidates(cfg: CodeConfig, model_spec: str, problems: list[Problem
 
 
 def score(label: str, problems: list[Problem], cands: dict[str, list[str]], cfg: CodeConfig, box: Sandbox,
-          reasons: dict[str, list[str]], chat: bool = False) -> EvalResult:
+          reasons: dict[str, list[str]], chat: bool = False, judge: Any = None) -> EvalResult:
     """Execute every candidate, then pass@k per problem and its mean over problems. `chat`: the
-    candidates are chat replies, run as `chat_completion(reply)` and logged with the code extracted."""
+    candidates are chat replies, run as `chat_completion(reply)` and logged with the code extracted.
+    `judge` (--select): the best-of-n curve where every problem has 2 or more candidates."""
     from rlhf_cli.console import warn
 
     todo = [p for p in problems if cands.get(p.task_id)]
@@ -448,4 +463,17 @@ def score(label: str, problems: list[Problem], cands: dict[str, list[str]], cfg:
              "sandbox": {"network_namespace": all(x.get("netns") for x in layers), "uid": sorted({x["uid"] for x in layers if x.get("uid") is not None}),
                          "timeout": box.timeout, "memory_mb": box.memory_mb}}
     primary = min(k for k in ks if f"pass@{k}" in metrics)
-    return EvalResult("code", label, metrics, len(todo), f"pass@{primary}", samples, extra)
+    result = EvalResult("code", label, metrics, len(todo), f"pass@{primary}", samples, extra)
+    if judge is not None and n_min >= 2:
+        from rlhf_cli.evals.best_of import add_best_of
+
+        pos = {p.task_id: i for i, p in enumerate(todo)}
+        passed = [[0.0] * len(cands[p.task_id]) for p in todo]
+        for (p, j, _), o in zip(jobs, outcomes, strict=True):
+            passed[pos[p.task_id]][j] = float(o.status == "passed")
+        scores = add_best_of(result, judge, [p.prompt for p in todo], [cands[p.task_id] for p in todo], [{} for _ in todo], passed)
+        for row, (p, j, _) in zip(samples, jobs, strict=True):
+            row["select_score"] = scores[pos[p.task_id]][j]
+    elif judge is not None:
+        warn(f"{label}: --select skipped, some problem has a single candidate")
+    return result

@@ -43,6 +43,7 @@ from rlhf_cli.config import from_cli
 from rlhf_cli.engines import ENGINES
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, mean_stderr, parse_fields
+from rlhf_cli.evals.best_of import SelectOpt
 from rlhf_cli.options import (
     ConfigOpt,
     DeviceOpt,
@@ -79,6 +80,7 @@ class ExactConfig:
     extract: str = "gsm8k"
     format: str = "raw"
     n: int = 1
+    select: str | None = None  # with n > 1: a score judge picks each question's answer (best-of-n), else a majority vote
     temperature: float = 0.0
     max_new_tokens: int = 256
     stop: tuple[str, ...] | None = None  # None: lm-eval's gsm8k stops for raw, none for chat
@@ -121,7 +123,8 @@ def command(
     fewshot: Annotated[str | None, typer.Option("--fewshot", help="File of solved examples for --shots (its first k rows).")] = ExactConfig.fewshot,
     extract: Annotated[str, typer.Option("--extract", help="gsm8k | strict | flexible | last-number | exact | regex:PATTERN.")] = ExactConfig.extract,
     format: FormatOpt = ExactConfig.format,
-    n: Annotated[int, typer.Option("-n", "--n", help="Samples per question; > 1 takes the majority answer.")] = ExactConfig.n,
+    n: Annotated[int, typer.Option("-n", "--n", help="Samples per question; > 1 takes the majority answer (or the --select judge's).")] = ExactConfig.n,
+    select: SelectOpt = ExactConfig.select,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy (default with -n 1).")] = ExactConfig.temperature,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")] = ExactConfig.max_new_tokens,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop string (repeatable); replaces the default: lm-eval's gsm8k stops for raw, none for chat.")] = None,
@@ -149,7 +152,8 @@ def command(
 
     Prints one JSON line {"kind": "exact", "results": [{"model", "n", "exact_match", "exact_match_stderr",
     ...}]} and a table on stderr. With -n > 1: majority vote ("exact_match") and the mean accuracy of
-    single samples ("sample_accuracy"). -m api:MODEL generates on an OpenAI-compatible server
+    single samples ("sample_accuracy"). With -n K --select JUDGE: best_of_1, 2, 4 ... K, the accuracy
+    of the answer the judge scores highest among n samples (--plot draws that curve). -m api:MODEL generates on an OpenAI-compatible server
     (--base-url; exit 3 at --max-cost, nothing scored). --engine vllm generates with in-process vLLM
     (pip install 'rlhf-cli[vllm]').
 
@@ -162,6 +166,8 @@ def command(
       rlhf eval exact gsm8k/test.jsonl -m sft/ -n 8 --temperature 0.7 --log-samples gsm8k-samples.jsonl
 
       rlhf eval exact gsm8k/test.jsonl -m sft/ --format chat --question-template 'Question: {question}\\\\nAnswer:'
+
+      rlhf eval exact test.jsonl -m sft/ -n 8 --temperature 1 --select rm:rm/ --plot best_of_n.png
 
       rlhf eval exact gsm8k/test.jsonl -m sft/ --config gsm8k.yaml   # shots, fewshot, extract ...
 
@@ -306,6 +312,8 @@ def validate(cfg: ExactConfig) -> dict[str, str]:
                         "e.g. --question-template 'Question: {question}\\nAnswer:'")
     if cfg.n > 1 and cfg.temperature == 0:
         raise RlhfError("-n > 1 with --temperature 0 gives n identical answers", "use a temperature > 0 for a majority vote")
+    if cfg.select and cfg.n < 2:
+        raise RlhfError("--select chooses among samples: it needs -n K >= 2", "e.g. -n 8 --temperature 1 --select rm:rm/")
     return parse_fields(list(cfg.fields), FIELDS)
 
 
@@ -313,6 +321,7 @@ def run(cfg: ExactConfig) -> list[EvalResult]:
     from rlhf_cli.api_generation import api_samplers
     from rlhf_cli.engines import check_engine
     from rlhf_cli.evals.base import report
+    from rlhf_cli.evals.best_of import plot_curve, select_judge
     from rlhf_cli.models.loading import parse_model_spec
 
     # 1. everything cheap first: options, extraction rule, data, shots
@@ -327,21 +336,27 @@ def run(cfg: ExactConfig) -> list[EvalResult]:
     for m in cfg.models:
         parse_model_spec(m)
     check_engine(cfg.engine, cfg.models)
+    judge = select_judge(cfg.select, cfg.device, cfg.dtype, cfg.batch_size, cfg.seed, cfg.trust_remote_code) if cfg.select else None
     samplers = api_samplers(cfg.models, cfg.api, cfg.seed)  # api: models checked (key, URL, prices) before any model runs
 
     # 2. each model in turn
     try:
-        results = [evaluate(cfg, model, problems, prompts, extract, samplers.get(model)) for model in cfg.models]
+        results = [evaluate(cfg, model, problems, prompts, extract, samplers.get(model), judge) for model in cfg.models]
     finally:
         for sampler in samplers.values():
             sampler.close()
-    report(results, cfg.data, cfg.log_samples, cfg.plot)
+        if judge is not None:
+            judge.close()
+    report(results, cfg.data, cfg.log_samples, None if judge else cfg.plot)
+    if judge is not None and cfg.plot:
+        plot_curve(results, cfg.plot, "exact match")
     return results
 
 
 def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts: list[Any], extract: Any,
-             sampler: Any = None) -> EvalResult:
-    """Score one model: `sampler` (an ApiSampler) for an api: model, else the model is loaded here."""
+             sampler: Any = None, judge: Any = None) -> EvalResult:
+    """Score one model: `sampler` (an ApiSampler) for an api: model, else the model is loaded here;
+    `judge` (--select) scores every sample for the best-of-n curve."""
     from rlhf_cli.metrics import progress_bar
 
     stop = cfg.stop if cfg.stop is not None else (STOP if cfg.format == "raw" else ())
@@ -349,6 +364,7 @@ def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts
     votes: list[float] = []
     singles: list[float] = []
     samples: list[dict[str, Any]] = []
+    correct: dict[int, list[float]] = {}  # question index -> 1.0 / 0.0 per sample
     with progress_bar(True) as bar:
         task = bar.add_task(f"exact {model_spec}", total=len(problems), stats="")
         for i, texts in answers:
@@ -358,7 +374,8 @@ def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts
             voted = majority(found)
             score = float(is_correct(voted, p.target))
             votes.append(score)
-            singles.extend(float(is_correct(a, p.target)) for a in found)
+            correct[i] = [float(is_correct(a, p.target)) for a in found]
+            singles.extend(correct[i])
             samples.append({"id": p.id, "input": prompt, "output": outputs[0] if cfg.n == 1 else outputs,
                             "extracted": voted if cfg.n == 1 else {"votes": found, "majority": voted},
                             "target": p.target, "score": score})
@@ -368,8 +385,17 @@ def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts
     if cfg.n > 1:
         acc, acc_se = mean_stderr(singles)
         metrics.update({"sample_accuracy": acc, "sample_accuracy_stderr": acc_se})
-    return EvalResult("exact", model_spec, metrics, len(problems), "exact_match", samples,
-                      {"shots": cfg.shots, "extract": cfg.extract, "samples_per_question": cfg.n})
+    extra: dict[str, Any] = {"shots": cfg.shots, "extract": cfg.extract, "samples_per_question": cfg.n}
+    result = EvalResult("exact", model_spec, metrics, len(problems), "exact_match", samples, extra)
+    if judge is not None:  # best-of-n: the judge's favourite among n of the K samples, n = 1, 2, 4 ... K
+        from rlhf_cli.evals.best_of import add_best_of
+
+        order = list(correct)  # question indices, in the order of `samples`
+        scores = add_best_of(result, judge, [problems[k].question for k in order], [s["output"] for s in samples],
+                             [{"answer": problems[k].answer} for k in order], [correct[k] for k in order])
+        for s, sc in zip(samples, scores, strict=True):
+            s["select"] = {"scores": sc, "kept": max(range(len(sc)), key=lambda j: (sc[j], -j))}
+    return result
 
 
 def _local_answers(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts: list[Any],

@@ -100,6 +100,8 @@ class WinrateConfig:
     difficulty: str | None = None
     max_new_tokens: int = 512
     temperature: float = 0.0
+    n: int = 1  # -m: outputs per instruction; > 1 needs --select
+    select: str | None = None  # -m with n > 1: a score judge keeps each instruction's best output (best-of-n)
     engine: str = "hf"  # -m local models: hf = generation.generate, vllm = an in-process vLLM engine
     engine_memory: float = 0.3
     log_samples: str | None = None
@@ -107,9 +109,9 @@ class WinrateConfig:
     judge_options: JudgeOptions = JUDGE  # the judge's knobs, and --seed, --batch-size, --device, --dtype for -m too
 
     COMMAND: ClassVar[str] = "eval winrate"
-    FLAGS: ClassVar[dict[str, str]] = {"models": "--model", "fields": "--field", "difficulty": "--instruction-difficulty"}
+    FLAGS: ClassVar[dict[str, str]] = {"models": "--model", "fields": "--field", "difficulty": "--instruction-difficulty", "n": "-n"}
     CONFIG_ONLY: ClassVar[frozenset[str]] = frozenset({"max_retries", "timeout"})  # --config FILE
-    LIMITS: ClassVar[dict[str, Any]] = {"limit": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0", "engine": ENGINES,
+    LIMITS: ClassVar[dict[str, Any]] = {"limit": ">= 1", "max_new_tokens": ">= 1", "temperature": ">= 0", "n": ">= 1", "engine": ENGINES,
                                         "engine_memory": "(0, 1]"}
 
     @property
@@ -134,6 +136,9 @@ def command(
     seed: SeedOpt = JUDGE.seed,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="-m: longest output, in tokens.", rich_help_panel=GEN)] = WinrateConfig.max_new_tokens,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="-m: 0 = greedy.", rich_help_panel=GEN)] = WinrateConfig.temperature,
+    n: Annotated[int, typer.Option("-n", "--n", help="-m: outputs per instruction, of which --select keeps one.", rich_help_panel=GEN)] = WinrateConfig.n,
+    select: Annotated[str | None, typer.Option("--select", help="-m with -n K: keep the output this score judge (rm:PATH, rule:...) scores highest; "
+                                              "every output is judged, for best_of_1, 2, 4 ... K.", rich_help_panel=GEN, show_default=False)] = WinrateConfig.select,
     engine: EngineOpt = WinrateConfig.engine,
     engine_memory: EngineMemoryOpt = WinrateConfig.engine_memory,
     reference_field: Annotated[str, typer.Option("--answer-field", help="rule: the reference-row field holding the reference answer (pairwise's --reference; here --reference is the file).", rich_help_panel=JUDGE_PANEL)] = JUDGE.reference_field,
@@ -158,6 +163,9 @@ def command(
     output), "score" (P(candidate better): 1, 0.5, 0), "preference" (AlpacaEval's 1..2), "judge"}.
     Exit codes: 0 done, 2 bad input, 3 the judge stopped early (the summary covers what it judged).
     --engine vllm generates the -m outputs with in-process vLLM (pip install 'rlhf-cli[vllm]').
+    -m with -n K -t T --select JUDGE: best-of-n. Every one of the K outputs is judged against the
+    reference (K judgements per instruction); the metrics are those of the output JUDGE keeps, plus
+    best_of_1, 2, 4 ... K, the win rate (%) of the kept output among n.
 
     Examples:
 
@@ -168,6 +176,8 @@ def command(
       rlhf eval winrate --annotations alpaca-7b/weighted_alpaca_eval_gpt4_turbo/annotations.json
 
       rlhf eval winrate samples.jsonl --reference ref.jsonl --field instruction=prompt --judge rm:rm/
+
+      rlhf eval winrate --reference ref.json -m sft/ -n 8 -t 1 --select rm:rm/ --judge lm:judge/ --plot best_of_n.png
     """
     params = {**locals(), "outputs": tuple(outputs or ()), "models": tuple(models or ()), "annotations": tuple(annotations or ()),
               "fields": tuple(fields or ())}
@@ -191,6 +201,12 @@ def validate(cfg: WinrateConfig) -> dict[str, str]:
             raise RlhfError("nothing to evaluate", "give candidate output files, or -m MODEL to generate them")
         if not cfg.judge:
             raise RlhfError("--judge is required to compare outputs", "e.g. --judge api:gpt-4o-mini, --judge lm:MODEL, --judge rm:PATH")
+    if cfg.n > 1 and not (cfg.select and cfg.models):
+        raise RlhfError("-n > 1 generates K outputs per instruction for --select to choose from", "give -m MODEL and --select rm:PATH (or rule:...)")
+    if cfg.select and cfg.n < 2:
+        raise RlhfError("--select chooses among outputs: it needs -n K >= 2", "e.g. -m sft/ -n 8 -t 1 --select rm:rm/")
+    if cfg.n > 1 and cfg.temperature == 0:
+        raise RlhfError("-n > 1 with --temperature 0 gives K identical outputs", "use a temperature > 0")
     if cfg.engine != WinrateConfig.engine and not cfg.models:
         warn(f"--engine {cfg.engine} generates for -m only; nothing to generate here (the judge runs as it always does)")
     return parse_fields(list(cfg.fields), FIELDS)
@@ -226,11 +242,15 @@ def run(cfg: WinrateConfig, judge: Any = None) -> list[EvalResult]:
 
     judge = judge or build_judge(cfg.judge, cfg.judge_options)  # type: ignore[arg-type]
     samplers: dict[str, Any] = {}
+    chosen: dict[str, tuple[int, list[list[float]]]] = {}  # --select: model -> (its first set, judge scores per instruction)
     try:
         shared = getattr(judge, "budget", None)  # an api judge's: one --max-cost for generating and judging
         samplers = api_samplers(cfg.models, _api_options(cfg.judge_options), cfg.seed, shared if isinstance(shared, Budget) else None)
         for m in cfg.models:
-            sets.append((m, _ref_pairs(refs, generate_outputs(m, [r.instruction for r in refs], cfg, samplers.get(m)), m)))
+            outs = generate_outputs(m, [r.instruction for r in refs], cfg, samplers.get(m))
+            if cfg.select:  # every one of the K outputs is judged: set j holds each instruction's j-th output
+                chosen[m] = (len(sets), select_scores(cfg, refs, outs))
+            sets += [(m, _ref_pairs(refs, [o[j] for o in outs], m)) for j in range(cfg.n)]
 
         # 3. judge every set in one stream (an api judge keeps --concurrency requests in flight across sets)
         judged, stopped = judge_sets(judge, [pairs for _, pairs in sets], cfg)
@@ -242,17 +262,59 @@ def run(cfg: WinrateConfig, judge: Any = None) -> list[EvalResult]:
         if close is not None:
             close()
 
-    # 4. score each set, then the shared summary / table / sample log / plot
+    # 4. score each set (a --select model: the outputs its judge keeps), then the shared summary / table / sample log / plot
     results = []
-    for (label, pairs), verdicts in zip(sets, judged, strict=True):
+    for s, ((label, pairs), verdicts) in enumerate(zip(sets, judged, strict=True)):
+        if label in chosen and s != chosen[label][0]:
+            continue  # a --select model's other sets: read through its first
+        cost = sum(v.get("cost", 0.0) for v in verdicts)
+        if label in chosen:
+            first, scores = chosen[label]
+            pairs, verdicts, cost, curve = best_of_sets(sets[first : first + cfg.n], judged[first : first + cfg.n], scores)
         pairs = [replace(p, preference=v["preference"]) for p, v in zip(pairs, verdicts, strict=True)]
         res = score_set(label, pairs, verdicts, difficulty, cfg.difficulty)
-        res.extra.update(judge=desc, cost=sum(v.get("cost", 0.0) for v in verdicts), stopped=stopped)
+        res.extra.update(judge=desc, cost=cost, stopped=stopped)
+        if label in chosen:
+            res.metrics.update(curve)
+            res.primary = f"best_of_{cfg.n}"
+            res.extra["select"] = cfg.select
         results.append(res)
     if stopped:
         warn(f"the judge stopped early ({stopped}): unanswered pairs are left out of n; a rerun reuses cached verdicts")
-    report(results, cfg.reference, cfg.log_samples, cfg.plot)  # type: ignore[arg-type]
+    report(results, cfg.reference, cfg.log_samples, None if chosen else cfg.plot)  # type: ignore[arg-type]
+    if chosen and cfg.plot:
+        from rlhf_cli.evals.best_of import plot_curve
+
+        plot_curve([r for r in results if r.model in chosen], cfg.plot, "win rate (%)")
     return results
+
+
+def select_scores(cfg: WinrateConfig, refs: list[Output], outs: list[list[str]]) -> list[list[float]]:
+    """The --select judge's score of every output (loaded, used and closed here, before the main judge runs)."""
+    from rlhf_cli.evals.best_of import score_samples, select_judge
+
+    o = cfg.judge_options
+    sel = select_judge(cfg.select, o.device, o.dtype, o.batch_size, o.seed, o.trust_remote_code, o.reference_field)  # type: ignore[arg-type]
+    try:
+        return score_samples(sel, [r.instruction for r in refs], outs, [r.row for r in refs])
+    finally:
+        sel.close()
+
+
+def best_of_sets(sets: list[tuple[str, list[Pair]]], judged: list[list[dict[str, Any]]],
+                 scores: list[list[float]]) -> tuple[list[Pair], list[dict[str, Any]], float, dict[str, float]]:
+    """One --select model's K judged sets -> the pairs and verdicts of the outputs the judge keeps,
+    the cost of judging all K, and the best-of-n curve of the win rate (%) over the instructions
+    whose K outputs all got a verdict."""
+    from rlhf_cli.evals.best_of import best_of_curve
+
+    kept = [max(range(len(sc)), key=lambda j: (sc[j], -j)) for sc in scores]
+    pairs = [sets[j][1][i] for i, j in enumerate(kept)]
+    verdicts = [{**judged[j][i], "select": {"scores": scores[i], "kept": j}} for i, j in enumerate(kept)]
+    per = [(scores[i], [100.0 * (judged[j][i]["preference"] - 1.0) for j in range(len(sets))]) for i in range(len(kept))
+           if all(judged[j][i]["preference"] is not None for j in range(len(sets)))]
+    cost = sum(v.get("cost", 0.0) for vs in judged for v in vs)
+    return pairs, verdicts, cost, best_of_curve(per, len(sets)) if per else {}
 
 
 def _ref_pairs(refs: list[Output], texts: list[str], model: str) -> list[Pair]:
@@ -297,29 +359,29 @@ def _api_options(opts: JudgeOptions) -> Any:
     return ApiOptions(opts.base_url, opts.api_key_env, opts.concurrency, opts.max_retries, opts.timeout, opts.prices, opts.max_cost)
 
 
-def generate_outputs(spec_str: str, instructions: list[str], cfg: WinrateConfig, sampler: Any = None) -> list[str]:
-    """One output per instruction from MODEL: chat template, batched, seeded per batch (as `rlhf sample`);
+def generate_outputs(spec_str: str, instructions: list[str], cfg: WinrateConfig, sampler: Any = None) -> list[list[str]]:
+    """-n outputs per instruction from MODEL: chat template, batched, seeded per batch (as `rlhf sample`);
     `sampler` (an ApiSampler) for an api: model, seeded per instruction."""
     from rlhf_cli.metrics import progress_bar
 
     prompts: list[Any] = [[{"role": "user", "content": ins}] for ins in instructions]
     keys = [str(k) for k in range(len(instructions))]
     if sampler is not None:
-        got: Any = ((i, s.completions) for i, s in sampler.sample_all(prompts, keys, n=1, temperature=cfg.temperature,
+        got: Any = ((i, s.completions) for i, s in sampler.sample_all(prompts, keys, n=cfg.n, temperature=cfg.temperature,
                                                                        max_tokens=cfg.max_new_tokens, seed=cfg.seed))
     else:  # a local model (--engine): batched, each batch seeded by its indices
         from rlhf_cli.engines import local_completions
         from rlhf_cli.generation import SamplingParams
 
         opts = cfg.judge_options  # --batch-size, --device, --dtype serve the judge and -m alike
-        params = SamplingParams(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        params = SamplingParams(n=cfg.n, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         got = local_completions(spec_str, prompts, keys, params, batch_size=opts.batch_size, engine=cfg.engine, memory=cfg.engine_memory,
                                 device=opts.device, dtype=opts.dtype, seed=cfg.seed, trust_remote_code=opts.trust_remote_code)
-    texts: list[str] = []
+    texts: list[list[str]] = []
     with progress_bar(True) as bar:
         task = bar.add_task(f"generate {spec_str}", total=len(instructions), stats="")
         for _, comps in got:
-            texts.append(comps[0].text)
+            texts.append([c.text for c in comps])
             bar.update(task, advance=1)
     return texts
 

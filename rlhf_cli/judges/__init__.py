@@ -11,7 +11,7 @@ from rlhf_cli.judges.base import Ask, JudgeOptions, PairJudge, ScoreJudge, Verdi
 
 __all__ = ["Ask", "JudgeOptions", "PairJudge", "ScoreJudge", "Verdict", "build_judge", "JUDGE_SPECS"]
 
-JUDGE_SPECS = "rule:exact|rule:last-number|rule:gsm8k|rule:regex:PATTERN|rule:FILE.py:FN, rm:PATH, lm:MODEL, api:MODEL or human"
+JUDGE_SPECS = "rule:exact|rule:contains|rule:last-number|rule:gsm8k|rule:regex:PATTERN|rule:FILE.py:FN, rm:PATH, lm:MODEL, api:MODEL or human"
 
 
 def build_judge(spec: str, opts: JudgeOptions) -> ScoreJudge | PairJudge:

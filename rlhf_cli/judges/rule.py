@@ -5,6 +5,9 @@ Each completion scores 1.0 (correct) or 0.0 (wrong) against the row's reference 
 names the row). No model, no torch: a rule judge is instant, deterministic and free.
 
     rule:exact            normalised exact match (case, surrounding space/quotes, a final period)
+    rule:contains         the normalised reference occurs in the normalised completion as whole
+                          words ("Paris" in "The capital is Paris."; "4" not in "42", "4.5" or
+                          "1,400"): for short factual answers inside a sentence (`rlhf known`)
     rule:last-number      the completion's last number == the reference's last number
                           ("1,234" == "1234", "5.0" == "5", "-3" != "3")
     rule:gsm8k            the reference's `#### N` vs the completion's `#### N`, else its last number
@@ -32,7 +35,7 @@ from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.judges.base import JudgeOptions
 
-RULES = "exact, last-number, gsm8k, regex:PATTERN or FILE.py:FN"
+RULES = "exact, contains, last-number, gsm8k, regex:PATTERN or FILE.py:FN"
 
 # A number: optional sign (not when glued to a preceding word/digit, so "3-5" is 3 and 5),
 # thousands groups "1,234,567" or plain digits, optional decimals. "$18.00" -> 18.00.
@@ -75,6 +78,17 @@ def gsm8k_number(text: str) -> Decimal | None:
     return last_number(text)
 
 
+def contains_answer(completion: str, reference: str) -> bool:
+    """`reference` (normalised) occurs in `completion` (normalised) with no word character on either
+    side, and no digit across a decimal point or thousands comma, so "4" is not found in "42",
+    "4.5" or "1,400". An empty reference is never found (it would be in every completion)."""
+    want = normalise(reference)
+    if not want:
+        return False
+    got = normalise(completion)
+    return re.search(rf"(?<!\w)(?<!\d[.,]){re.escape(want)}(?![.,]?\d)(?!\w)", got) is not None
+
+
 def same_answer(a: str, b: str) -> bool:
     """Numerically equal if both read as numbers, else equal after `normalise`."""
     na, nb = parse_number(a), parse_number(b)
@@ -96,6 +110,8 @@ class RuleJudge:
         self._fn: Callable[..., Any] | None = None
         if arg == "exact":
             self._check = lambda c, ref: same_answer(c, ref) if isinstance(ref, str) else _eq_num(parse_number(c), ref)
+        elif arg == "contains":
+            self._check = lambda c, ref: not isinstance(ref, bool) and contains_answer(c, str(ref))
         elif arg == "last-number":
             self._check = lambda c, ref: _eq_num(last_number(c), ref, last_number)
         elif arg == "gsm8k":
