@@ -248,3 +248,35 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path: Path, rows: list[Any
     res = run_cli(["select", str(data), "--judge", "rule:exact", "-o", str(out), *args])
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert not out.exists()
+
+
+def test_cli_api_judge_budget_stop_exits_3_and_resume_matches_one_run(tmp_path: Path) -> None:
+    """The real api judge against a loopback OpenAI-compatible server: --max-cost stops the run (exit 3),
+    the rows so far stay, and --resume with a bigger budget ends with the rows one run would write."""
+    from api_fake import FakeOpenAI
+
+    server = FakeOpenAI()
+    server.reply = lambda body: {"text": "A", "top": None}  # always the answer shown first
+    try:
+        data = write_jsonl(tmp_path, "s.jsonl", [{"id": f"q{i}", "prompt": f"p{i}", "completions": ["x", "yy", "zzz"]} for i in range(4)])
+        env = {"RLHF_TEST_KEY": "sk-test"}
+
+        def select(out: Path, cost: str, *extra: str) -> Any:
+            return run_cli(["select", str(data), "--judge", "api:judge-x", "--base-url", server.url, "--api-key-env", "RLHF_TEST_KEY",
+                            "--one-order", "--prices", "1,1", "--max-cost", cost, "--concurrency", "1", "--cache-dir",
+                            str(tmp_path / f"cache-{out.stem}"), "-o", str(out), "--keep", "best-worst", *extra], env=env)
+
+        whole = select(tmp_path / "whole.jsonl", "1")
+        assert whole.returncode == 0, whole.stderr
+        # each ask costs (1000 + 2) x $1/M: a budget of 7 asks stops inside the third prompt (3 asks each)
+        first = select(tmp_path / "o.jsonl", "0.0071")
+        assert first.returncode == 3 and "--resume" in first.stderr, first.stderr
+        assert len((tmp_path / "o.jsonl.progress").read_bytes().splitlines()) == 2  # two prompts finished (a cycle gives no row)
+        second = select(tmp_path / "o.jsonl", "1", "--resume")
+        assert second.returncode == 0, second.stderr
+        got, want = rows_of(tmp_path / "o.jsonl"), rows_of(tmp_path / "whole.jsonl")
+        assert len(want) >= 2
+        assert [(r["id"], r["chosen"], r["rejected"]) for r in got] == [(r["id"], r["chosen"], r["rejected"]) for r in want]
+        assert all(r["judge"]["method"] == "copeland" and r["judge"]["kind"] == "api" for r in got)
+    finally:
+        server.close()
