@@ -73,6 +73,11 @@ def test_ties_and_failures_by_hand() -> None:
     assert choose("abc", [1.0, 1.0, 1.0], "all-passing", threshold=1.0).kept == (0, 1, 2)
     # ... and a tie among failing answers is a failure, kept ties or not
     assert choose("abc", [0.0, 0.0, 0.0], "best", threshold=1.0, keep_ties=True).dropped == "all-fail"
+    # a completion that may not be kept (cut at the token limit, --drop-truncated) counts as failing
+    assert choose("abc", [0.9, 0.5, 0.1], "best", allowed=[False, True, True]).kept == (1,)
+    assert choose("abc", [0.9, 0.5, 0.1], "best-worst", allowed=[False, True, True]).kept == (1, 2)
+    assert choose("abc", [0.9, 0.1, 0.1], "best-worst", allowed=[False, True, True]).dropped == "all-tie"
+    assert choose("ab", [1.0, 1.0], "best", threshold=1.0, allowed=[False, False]).dropped == "all-fail"
     assert parse_keep("top-12") == ("top", 12)
     for bad in ("top-0", "top", "worst", "top-k"):
         with pytest.raises(ValueError):
@@ -127,6 +132,12 @@ def test_best_worst_gives_pairs_that_train_rm_and_dpo_read(samples: Path, tmp_pa
     run(cfg(samples, tmp_path / "ties.jsonl", keep="best-worst", keep_ties=True))
     tied = [r for r in rows_of(tmp_path / "ties.jsonl") if r.get("tie")]
     assert [(r["id"], r["chosen"], r["rejected"]) for r in tied] == [("b:0-1", "2", "2.")]
+
+
+def test_drop_truncated_never_keeps_a_completion_cut_at_the_limit(samples: Path, tmp_path: Path) -> None:
+    run(cfg(samples, tmp_path / "all.jsonl", keep="all-passing", drop_truncated=True))
+    assert [r["id"] for r in rows_of(tmp_path / "all.jsonl")] == ["a:1", "b:0", "b:1", "b:2", "b:3", "d:2"]  # a:2 ended in "length"
+    assert all(r["finish_reason"] == "stop" for r in rows_of(tmp_path / "all.jsonl") if "finish_reason" in r)
 
 
 def test_one_completion_per_prompt_is_a_filter(tmp_path: Path) -> None:

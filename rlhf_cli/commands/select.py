@@ -59,6 +59,7 @@ class SelectConfig:
     keep: str = "best"  # best | top-N | all-passing | best-worst
     threshold: float | None = None  # the pass mark; None: 1 (correct) for rule judges, none for the others
     keep_ties: bool = False
+    drop_truncated: bool = False  # never keep a completion whose finish_reason is "length"
     output: str = "-"
     resume: bool = False
     max_pairs: int | None = None  # pair judges: a seeded random N of each prompt's C(K,2) pairs
@@ -81,6 +82,7 @@ def command(
     keep: Annotated[str, typer.Option("--keep", help=f"{KEEP_MODES}.")] = SelectConfig.keep,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Score judges: the pass mark; a completion below it is never kept. Default: 1 (correct) for rule judges, none for rm.", show_default=False)] = SelectConfig.threshold,
     keep_ties: Annotated[bool, typer.Option("--keep-ties", help="Keep prompts whose completions all tie (the first one, or a pair), marked \"tie\": true.")] = SelectConfig.keep_ties,
+    drop_truncated: Annotated[bool, typer.Option("--drop-truncated", help="Never keep a completion cut at the token limit (finish_reason \"length\"): SFT would teach stopping mid-answer.")] = SelectConfig.drop_truncated,
     output: OutputOpt = SelectConfig.output,
     resume: StreamResumeOpt = SelectConfig.resume,
     max_pairs: Annotated[int | None, typer.Option("--max-pairs", help="Pair judges: judge a seeded random N of each prompt's C(K,2) pairs.")] = SelectConfig.max_pairs,
@@ -175,6 +177,8 @@ def run(cfg: SelectConfig, judge: ScoreJudge | PairJudge | None = None) -> dict[
     todo = [it for it in items if str(it.id) not in done]
     if done:
         info(f"resume: {len(items) - len(todo)} of {len(items)} prompts already in {cfg.output}")
+    if cfg.drop_truncated and not any(isinstance(it.row.get("finish_reasons"), list) for it in todo):
+        warn("--drop-truncated: the rows have no finish_reasons (rows from `rlhf sample` do), so nothing is dropped for it")
     judge = judge or build_judge(cfg.judge, cfg.judge_options)  # type: ignore[arg-type]
     threshold = pass_mark(cfg, judge)
     desc = judge.describe()
@@ -190,12 +194,18 @@ def run(cfg: SelectConfig, judge: ScoreJudge | PairJudge | None = None) -> dict[
     bar = progress_bar(judge.kind != "human")  # the human judge owns the terminal
     task = bar.add_task("select", total=len(todo), stats="")
 
+    def allowed(item: Item) -> list[bool] | None:
+        reasons = item.row.get("finish_reasons")
+        if not cfg.drop_truncated or not isinstance(reasons, list) or len(reasons) != len(item.completions):
+            return None
+        return [r != "length" for r in reasons]
+
     def finish(item: Item, decisions: list[Decision], scores: list[float] | None = None) -> None:
         if scores is None:  # a pair judge: Copeland points over the judged pairs
             points = copeland_points(distinct(item.completions), decisions)
             scores = [points.get(k, 0.0) for k in range(len(item.completions))]
         cost = sum((v.cost for d in decisions for v in d.verdicts), 0.0)
-        choice = selection.choose(item.completions, scores, cfg.keep, threshold, cfg.keep_ties)
+        choice = selection.choose(item.completions, scores, cfg.keep, threshold, cfg.keep_ties, allowed(item))
         make = selection.pair_row if cfg.keep == "best-worst" else selection.sft_rows
         rows = make(item, choice, scores, desc, cost) if choice.kept else []
         writer.write(item.id, rows)

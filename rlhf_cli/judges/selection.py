@@ -15,7 +15,8 @@ Keep modes (`--keep`):
 Identical texts count once (the first index), so `top-N` never keeps one answer twice.
 
 Which prompts give nothing:
-    all-fail   a threshold is in force and no completion reaches it (failing answers are never kept);
+    all-fail   no completion reaches the threshold in force (failing answers are never kept), or every
+               one that does was cut at the token limit and `--drop-truncated` is on;
     all-tie    the judge cannot tell the completions apart (equal scores, or one distinct text). With a
                threshold every passing completion is good enough, so a tie among passing ones is kept;
                without one a tie says nothing about which is better, so the prompt is dropped unless
@@ -62,26 +63,29 @@ def ranks(scores: Sequence[float], idx: Sequence[int]) -> dict[int, int]:
 
 
 def choose(completions: Sequence[str], scores: Sequence[float], keep: str, threshold: float | None = None,
-           keep_ties: bool = False) -> Choice:
+           keep_ties: bool = False, allowed: Sequence[bool] | None = None) -> Choice:
     """Apply one keep mode to one prompt (rules in the module docstring). Ties in score are broken
-    by index: the first completion of equal score ranks higher, so a rerun keeps the same one."""
+    by index: the first completion of equal score ranks higher, so a rerun keeps the same one.
+    `allowed[k]` False: completion k is never kept, as if it failed (`--drop-truncated`)."""
     mode, n = parse_keep(keep)
     idx = distinct(completions)
     order = sorted(idx, key=lambda k: (-scores[k], k))  # best first
-    passing = [k for k in order if threshold is None or scores[k] >= threshold]
+    passing = [k for k in order if (threshold is None or scores[k] >= threshold) and (allowed is None or allowed[k])]
     all_tie = len({scores[k] for k in idx}) == 1
     if not passing:
         return Choice(dropped="all-fail", candidates=len(idx))
     if mode == "best-worst":
-        if all_tie:
-            if keep_ties and len(order) >= 2:
-                return Choice((order[0], order[1]), tie=True, candidates=len(idx))
+        best, worst = passing[0], order[-1]
+        if scores[best] == scores[worst]:  # nothing orders the pair
+            others = [k for k in order if k != best]
+            if keep_ties and others:
+                return Choice((best, others[0]), tie=True, candidates=len(idx))
             return Choice(dropped="all-tie", candidates=len(idx))
-        return Choice((order[0], order[-1]), candidates=len(idx))
+        return Choice((best, worst), candidates=len(idx))
     if all_tie and threshold is None:
         if not keep_ties:
             return Choice(dropped="all-tie", candidates=len(idx))
-        return Choice((order[0],), tie=True, candidates=len(idx))
+        return Choice((passing[0],), tie=True, candidates=len(idx))
     kept = passing[:1] if mode == "best" else passing[:n] if mode == "top" else passing
     return Choice(tuple(kept), candidates=len(idx))
 
