@@ -147,3 +147,26 @@ def test_eval_exact_scores_the_same_as_hf_at_temperature_0(tmp_path: Path, sharp
     ours, theirs = read_rows(tmp_path / "hf.jsonl"), read_rows(tmp_path / "vllm.jsonl")
     assert scores == {"hf": 0.5, "vllm": 0.5}
     assert [(r["id"], r["output"], r["extracted"], r["score"]) for r in theirs] == [(r["id"], r["output"], r["extracted"], r["score"]) for r in ours]
+
+
+def test_known_greedy_answers_and_categories_equal_the_hf_engines(tmp_path: Path, sharp: tuple[Path, Any, Any]) -> None:
+    """`rlhf known --engine vllm` loads one engine for both passes (greedy, then sampled): zero-shot raw
+    prompts are `eval exact`'s (whose greedy margins the test above checks), so every greedy answer,
+    p_greedy and the greedy categories equal the hf engine's. The references are hf's own greedy
+    answers for half the rows: those are highly_known on both engines."""
+    model_dir, _, _ = sharp
+    questions = ["1+1", "Hello there", "The cat", "2+2=", "Why?", "é✓"]
+    argv = ["known", "-m", str(model_dir), "--shots", "0", "-n", "2", "--temperature", "1", "--format", "raw", "--max-new-tokens", "8",
+            "-b", "4", "--judge", "rule:exact"]
+    data = write_jsonl(tmp_path, "q.jsonl", [{"id": i, "prompt": q, "answer": "unused"} for i, q in enumerate(questions)])
+    assert cli([argv[0], str(data), *argv[1:], "-o", str(tmp_path / "first.jsonl")]) == 0
+    first = read_rows(tmp_path / "first.jsonl")
+    data = write_jsonl(tmp_path, "q2.jsonl", [{"id": i, "prompt": q, "answer": first[i]["known"]["greedy_answer"] if i % 2 == 0 else "nope"}
+                                              for i, q in enumerate(questions)])
+    got = {}
+    for engine in ("hf", "vllm"):
+        assert cli([argv[0], str(data), *argv[1:], "--engine", engine, "--engine-memory", "0.05", "-o", str(tmp_path / f"{engine}.jsonl")]) == 0
+        got[engine] = [(r["id"], r["known"]["greedy_answer"], r["known"]["p_greedy"]) for r in read_rows(tmp_path / f"{engine}.jsonl")]
+    assert got["vllm"] == got["hf"]
+    assert [p for _, _, p in got["hf"]][::2] == [1.0, 1.0, 1.0] and all(r["known"]["category"] == "highly_known"
+                                                                       for r in read_rows(tmp_path / "vllm.jsonl")[::2])

@@ -293,11 +293,9 @@ def validate(cfg: KnownConfig) -> set[str]:
 def run(cfg: KnownConfig, generate: Generate | None = None) -> dict[str, Any]:
     """Label every row, write the rows kept, show the table; -> the summary. `generate` replaces the
     local model (tests inject answers fixed by construction)."""
-    from functools import partial
-
     from rlhf_cli.data.jsonl import JsonlSink, read_jsonl, write_jsonl_atomic
     from rlhf_cli.data.records import Item
-    from rlhf_cli.engines import local_completions
+    from rlhf_cli.engines import local_passes
     from rlhf_cli.evals.exact import STOP
     from rlhf_cli.generation import SamplingParams
     from rlhf_cli.judges import JudgeOptions, build_judge
@@ -317,20 +315,25 @@ def run(cfg: KnownConfig, generate: Generate | None = None) -> dict[str, Any]:
 
     # 2. answers: one greedy call and one sampled call over all rows x prompts, so batches stay full
     stop = cfg.stop if cfg.stop is not None else ((*STOP, "\n") if cfg.format == "raw" else ())
-    gen = generate or partial(local_completions, cfg.model, batch_size=cfg.batch_size, engine=cfg.engine, memory=cfg.engine_memory,
-                              device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
-    answers: list[list[list[str]]] = []  # [greedy, sampled] -> per row, its answers prompt by prompt
+    passes = (SamplingParams(1, 0.0, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop),  # greedy
+              SamplingParams(cfg.n, cfg.temperature, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop))  # sampled
+    if generate is None:  # the model loads once for both passes
+        got: Iterable[tuple[int, int, list[Completion]]] = local_passes(
+            cfg.model, prompts, keys, passes, batch_size=cfg.batch_size, engine=cfg.engine, memory=cfg.engine_memory,
+            device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+    else:
+        got = ((k, i, comps) for k, params in enumerate(passes) for i, comps in generate(prompts, keys, params))
+    texts: list[list[list[str]]] = [[[] for _ in prompts] for _ in passes]  # [greedy, sampled] -> per prompt, its answers
     with progress_bar(True) as bar:
-        for name, params in (("greedy", SamplingParams(1, 0.0, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop)),
-                             ("sampled", SamplingParams(cfg.n, cfg.temperature, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop))):
-            task = bar.add_task(f"known {name}", total=len(prompts), stats="")
-            texts: list[list[str]] = [[] for _ in prompts]
-            for k, comps in gen(prompts, keys, params):
-                texts[k] = [c.text.strip() for c in comps]
-                bar.update(task, advance=1)
-            if any(len(t) != params.n for t in texts):
-                raise RuntimeError(f"the {name} generator did not answer every prompt {params.n} time(s)")
-            answers.append([[a for t in texts[i * n_sets : (i + 1) * n_sets] for a in t] for i in range(len(rows))])
+        tasks = [bar.add_task(f"known {name}", total=len(prompts), stats="") for name in ("greedy", "sampled")]
+        for k, i, comps in got:
+            texts[k][i] = [c.text.strip() for c in comps]
+            bar.update(tasks[k], advance=1)
+    for name, params, t in zip(("greedy", "sampled"), passes, texts, strict=True):
+        if any(len(x) != params.n for x in t):
+            raise RuntimeError(f"the {name} generator did not answer every prompt {params.n} time(s)")
+    # per pass, per row: its answers prompt by prompt
+    answers = [[[a for x in t[i * n_sets : (i + 1) * n_sets] for a in x] for i in range(len(rows))] for t in texts]
 
     # 3. judge: each row's E greedy answers, then (a second item) its E*K samples
     # the judge reads the reference from row[--reference]: an SFT row's is its completion or last turn

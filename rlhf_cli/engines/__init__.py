@@ -119,20 +119,32 @@ def local_completions(model: str, prompts: Sequence[str | list[dict[str, Any]]],
     `ApiSampler.sample_all` yields for an api: model, from the same prompts (a string is raw text, a list
     of messages goes through the chat template). Batch by batch, each seeded by its prompts' `keys`
     (`generation.batch_seed`), so a prompt's samples do not depend on the rest of the file's order."""
+    for _, i, comps in local_passes(model, prompts, keys, [params], batch_size=batch_size, engine=engine, memory=memory, device=device,
+                                    dtype=dtype, seed=seed, trust_remote_code=trust_remote_code):
+        yield i, comps
+
+
+def local_passes(model: str, prompts: Sequence[str | list[dict[str, Any]]], keys: Sequence[str], passes: Sequence[SamplingParams], *,
+                 batch_size: int, engine: str = "hf", memory: float = 0.3, device: str = "auto", dtype: str = "fp32",
+                 seed: int = 0, trust_remote_code: bool = False) -> Iterator[tuple[int, int, list[Completion]]]:
+    """`local_completions` for several sampling passes over the same prompts (`known`: greedy, then
+    sampled) with the model loaded once: (pass index, prompt index, completions), pass by pass."""
     from rlhf_cli.data.records import render_prompt
     from rlhf_cli.generation import batch_seed
     from rlhf_cli.models.loading import load_tokenizer, parse_model_spec
 
-    if not prompts:
+    if not prompts or not passes:
         return
     spec = parse_model_spec(model)
     tok = load_tokenizer(spec, trust_remote_code)
     ids = [render_prompt(tok, p, None, "raw") if isinstance(p, str) else render_prompt(tok, None, p, "chat") for p in prompts]
-    with local_generator(engine, spec, tok, max_len=max(map(len, ids)) + params.max_new_tokens, dtype=dtype, device=device,
-                         memory=memory, seed=seed, max_seqs=batch_size * params.n, trust_remote_code=trust_remote_code) as gen:
-        for b in range(0, len(ids), batch_size):
-            groups = gen(ids[b : b + batch_size], params, batch_seed(seed, [str(k) for k in keys[b : b + batch_size]]))
-            yield from enumerate(groups, start=b)
+    longest, widest = max(p.max_new_tokens for p in passes), max(p.n for p in passes)
+    with local_generator(engine, spec, tok, max_len=max(map(len, ids)) + longest, dtype=dtype, device=device,
+                         memory=memory, seed=seed, max_seqs=batch_size * widest, trust_remote_code=trust_remote_code) as gen:
+        for k, params in enumerate(passes):
+            for b in range(0, len(ids), batch_size):
+                groups = gen(ids[b : b + batch_size], params, batch_seed(seed, [str(x) for x in keys[b : b + batch_size]]))
+                yield from ((k, i, g) for i, g in enumerate(groups, start=b))
 
 
 def _context_len(config: dict[str, Any]) -> int | None:
