@@ -248,3 +248,21 @@ def test_assigned_id_never_collides_with_a_given_id(tmp_path):
     rows = assign_ids([parse_prompt_row(line) for line in read_jsonl(str(path))])
     assert rows[1].id == content_id(probe)
     assert rows[0].id == content_id(probe) + "-2"
+
+
+def test_atomic_files_get_the_mode_open_would_give(tmp_path) -> None:
+    """Not mkstemp's private 0600: 0666 less the umask for a new file, an existing file's own mode kept."""
+    import os
+
+    old = os.umask(0o027)
+    try:
+        new = tmp_path / "new.jsonl"
+        write_jsonl_atomic(str(new), [{"a": 1}])
+        assert new.stat().st_mode & 0o777 == 0o640
+        kept = tmp_path / "kept.jsonl"
+        kept.write_bytes(b"")
+        kept.chmod(0o604)
+        write_jsonl_atomic(str(kept), [{"a": 1}])
+        assert kept.stat().st_mode & 0o777 == 0o604
+    finally:
+        os.umask(old)

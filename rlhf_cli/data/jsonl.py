@@ -206,11 +206,16 @@ def write_jsonl_atomic(path: str, rows: list[dict[str, Any]]) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
-    """Open a temp file beside `path`; on success fsync + rename over `path`, on error remove it."""
+    """Open a temp file beside `path`; on success fsync + rename over `path`, on error remove it.
+
+    The file gets the mode a plain `open(path, "wb")` would give it (an existing file's own mode, else
+    0666 less the umask), not mkstemp's private 0600, so `rlhf ... -o out.jsonl` reads like any output.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -220,6 +225,13 @@ def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def truncate_partial_last_line(path: str | Path) -> int:
