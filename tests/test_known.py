@@ -181,6 +181,18 @@ def test_drop_writes_only_the_other_categories(tmp_path) -> None:
     assert (summary["written"], summary["dropped"], summary["categories"]["unknown"]) == (5, 2, 1)
 
 
+def test_n_0_answers_greedily_only(tmp_path) -> None:
+    """-n 0: one greedy pass, no samples: P is null and a row never greedily right is unknown (Bhutan,
+    weakly known with samples, cannot be told apart without them)."""
+    oracle = Oracle()
+    summary = run(_cfg(tmp_path, n=0), generate=oracle)
+    assert [params.temperature for _, _, params in oracle.calls] == [0.0]
+    known = [r["known"] for r in _read(tmp_path / "out.jsonl")]
+    assert [k["category"] for k in known] == ["highly_known", "maybe_known", "unknown", "unknown", "highly_known", "highly_known", "highly_known"]
+    assert all(k["p_correct"] is None and k["samples"] == 0 for k in known)
+    assert summary["mean_of"] == "p_greedy" and summary["mean_p_correct"] == pytest.approx(sum(k["p_greedy"] for k in known) / 7)
+
+
 def test_shots_0_is_one_bare_prompt_per_row(tmp_path) -> None:
     oracle = Oracle()
     run(_cfg(tmp_path, shots=0), generate=oracle)

@@ -54,7 +54,7 @@ Generate = Callable[[Sequence[Prompt], Sequence[str], "SamplingParams"], Iterabl
 class KnownConfig:
     data: str
     model: str = "builtin:tiny"
-    n: int = 8  # K sampled answers per prompt
+    n: int = 8  # K sampled answers per prompt; 0: greedy answers only
     temperature: float = 0.5  # the paper's sampling temperature
     shots: int = 4  # S exemplars per prompt (the paper's 4); 0: zero-shot, one prompt per row
     shot_sets: int = 4  # E prompts per row (the paper: 10)
@@ -78,7 +78,7 @@ class KnownConfig:
     COMMAND: ClassVar[str] = "known"
     FLAGS: ClassVar[dict[str, str]] = {"n": "-n"}
     LIMITS: ClassVar[dict[str, Any]] = {
-        "n": ">= 1", "temperature": "> 0", "shots": ">= 0", "shot_sets": ">= 1", "max_new_tokens": ">= 1", "batch_size": ">= 1",
+        "n": ">= 0", "temperature": "> 0", "shots": ">= 0", "shot_sets": ">= 1", "max_new_tokens": ">= 1", "batch_size": ">= 1",
         "format": ("chat", "raw"), "dtype": ("fp32", "bf16", "fp16"), "engine": ENGINES, "engine_memory": "(0, 1]",
     }
 
@@ -87,7 +87,7 @@ def command(
     ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="QA / SFT JSONL file, or '-' for stdin.", show_default=False)],
     model: ModelOpt = KnownConfig.model,
-    n: Annotated[int, typer.Option("-n", "--n", help="Sampled answers per prompt (K).")] = KnownConfig.n,
+    n: Annotated[int, typer.Option("-n", "--n", help="Sampled answers per prompt (K); 0: greedy only (then weakly_known cannot be told from unknown).")] = KnownConfig.n,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature (the paper: 0.5).")] = KnownConfig.temperature,
     shots: Annotated[int, typer.Option("--shots", "-k", help="Other rows' Q/A pairs before each question (0: zero-shot).")] = KnownConfig.shots,
     shot_sets: Annotated[int, typer.Option("--shot-sets", help="Few-shot prompts per row, each with its own random exemplars (E).")] = KnownConfig.shot_sets,
@@ -114,8 +114,10 @@ def command(
     Input rows: {"prompt", "completion"}, {"messages": [...]} ending in an assistant turn (the answer),
     or {"prompt"} / {"messages"} with a --reference field (which wins over the completion). Output
     (stdout or --output FILE, written only when every row is done): each row with every field kept,
-    plus "known": {category, p_correct (P), p_greedy (P0), greedy_correct (P0 >= 0.5), greedy_answer,
-    samples (E*K), prompts (E), model, judge}. A table of the categories goes to stderr.
+    plus "known": {category, p_correct (P; null with -n 0), p_greedy (P0), greedy_correct (P0 >= 0.5),
+    greedy_answer (under the first prompt), samples (E*K), prompts (E), model, judge}. A table of the
+    categories goes to stderr. --drop leaves rows out; to keep every label and filter later:
+    jq -c 'select(.known.category != "unknown")'.
 
     Each row gets E = --shot-sets few-shot prompts of --shots other rows' Q/A pairs; under each, one
     greedy answer and -n K samples at --temperature. P0 = share of greedy answers correct, P = share
@@ -136,6 +138,8 @@ def command(
       rlhf known sft.jsonl -m base/ --judge rule:contains --drop unknown | rlhf sft - -m base/ --out sft/
 
       rlhf known qa.jsonl -m base/ --format raw --shot-sets 10 -n 16 -b 64 --engine vllm > qa.known.jsonl
+
+      rlhf known test.jsonl -m sft/ --shots 0 -n 0 --judge rule:contains > answers.jsonl   # zero-shot greedy answers, judged
     """
     params = {**locals(), "drop": tuple(drop or ()), "stop": tuple(stop) if stop else None}
     run(from_cli(KnownConfig, ctx, params, config))
@@ -316,7 +320,7 @@ def run(cfg: KnownConfig, generate: Generate | None = None) -> dict[str, Any]:
     # 2. answers: one greedy call and one sampled call over all rows x prompts, so batches stay full
     stop = cfg.stop if cfg.stop is not None else ((*STOP, "\n") if cfg.format == "raw" else ())
     passes = (SamplingParams(1, 0.0, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop),  # greedy
-              SamplingParams(cfg.n, cfg.temperature, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop))  # sampled
+              SamplingParams(cfg.n, cfg.temperature, 1.0, 0, cfg.max_new_tokens, cfg.seed, stop))[: 2 if cfg.n else 1]  # sampled
     if generate is None:  # the model loads once for both passes
         got: Iterable[tuple[int, int, list[Completion]]] = local_passes(
             cfg.model, prompts, keys, passes, batch_size=cfg.batch_size, engine=cfg.engine, memory=cfg.engine_memory,
@@ -325,11 +329,11 @@ def run(cfg: KnownConfig, generate: Generate | None = None) -> dict[str, Any]:
         got = ((k, i, comps) for k, params in enumerate(passes) for i, comps in generate(prompts, keys, params))
     texts: list[list[list[str]]] = [[[] for _ in prompts] for _ in passes]  # [greedy, sampled] -> per prompt, its answers
     with progress_bar(True) as bar:
-        tasks = [bar.add_task(f"known {name}", total=len(prompts), stats="") for name in ("greedy", "sampled")]
+        tasks = [bar.add_task(f"known {name}", total=len(prompts), stats="") for name in ("greedy", "sampled")[: len(passes)]]
         for k, i, comps in got:
             texts[k][i] = [c.text.strip() for c in comps]
             bar.update(tasks[k], advance=1)
-    for name, params, t in zip(("greedy", "sampled"), passes, texts, strict=True):
+    for name, params, t in zip(("greedy", "sampled")[: len(passes)], passes, texts, strict=True):
         if any(len(x) != params.n for x in t):
             raise RuntimeError(f"the {name} generator did not answer every prompt {params.n} time(s)")
     # per pass, per row: its answers prompt by prompt
@@ -348,10 +352,10 @@ def run(cfg: KnownConfig, generate: Generate | None = None) -> dict[str, Any]:
     # 4. categories, the rows kept, the table
     out_rows, cats, p_all = [], [], []
     for i, r in enumerate(rows):
-        g, s = correct[i], correct[len(rows) + i]
-        p0, p = sum(g) / len(g), sum(s) / len(s)
-        cats.append(category(p0, p))
-        p_all.append(p)
+        g, s = correct[i], (correct[len(rows) + i] if cfg.n else [])
+        p0, p = sum(g) / len(g), (sum(s) / len(s) if s else None)
+        cats.append(category(p0, p or 0.0))  # -n 0: no samples, so P0 = 0 is unknown
+        p_all.append(p0 if p is None else p)
         if cats[-1] not in drop:
             out_rows.append({**r.data, "known": {"category": cats[-1], "p_correct": p, "p_greedy": p0, "greedy_correct": p0 >= 0.5,
                                                  "greedy_answer": answers[0][i][0], "samples": len(s), "prompts": n_sets,
@@ -364,7 +368,7 @@ def run(cfg: KnownConfig, generate: Generate | None = None) -> dict[str, Any]:
         write_jsonl_atomic(cfg.output, out_rows)  # all or nothing: no half-written file
     counts = {c: cats.count(c) for c in CATEGORIES}
     summary = {"rows": len(rows), "written": len(out_rows), "dropped": len(rows) - len(out_rows), "categories": counts,
-               "mean_p_correct": sum(p_all) / len(p_all)}
+               "mean_p_correct": sum(p_all) / len(p_all), "mean_of": "p_correct" if cfg.n else "p_greedy"}
     if cfg.plot:
         plot_categories(counts, cfg.plot, cfg.model)
     show_summary(summary, cfg.data)
@@ -382,7 +386,7 @@ def show_summary(s: dict[str, Any], data: str) -> None:
         t.add_row(c, str(k), f"{100 * k / s['rows']:.1f}%")
     t.add_section()
     t.add_row("written / dropped", f"{s['written']} / {s['dropped']}", "")
-    t.add_row("mean p_correct", f"{s['mean_p_correct']:.3f}", "")
+    t.add_row(f"mean {s['mean_of']}", f"{s['mean_p_correct']:.3f}", "")
     err.print(t)
 
 
