@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar
 import typer
 
 from rlhf_cli.config import from_cli
-from rlhf_cli.console import info, warn
+from rlhf_cli.console import info
 from rlhf_cli.data.records import Item
 from rlhf_cli.errors import RlhfError
 from rlhf_cli.judges import combine, drive
@@ -202,11 +202,7 @@ def run(cfg: PairwiseConfig, judge: ScoreJudge | PairJudge | None = None) -> dic
         with atomic_file(cfg.report) as f:
             f.write(dumps(report))
     if stopped:
-        warn(f"the judge stopped early ({stopped}): {tally.prompts} of {len(todo)} prompts finished and written")
-        if cfg.output != "-":
-            info(f"continue: the same command with --output {cfg.output} --resume")
-        else:
-            info("the rows so far went to stdout; write to a file (--output FILE) so that --resume can continue")
+        drive.tell_stopped(stopped, tally.prompts, len(todo), cfg.output)
     return report
 
 

@@ -231,9 +231,7 @@ def run(cfg: SelectConfig, judge: ScoreJudge | PairJudge | None = None) -> dict[
     out = summary.report(desc, cfg.keep, writer.rows, tally.cost, stopped)
     summary.show(out)
     if stopped:
-        warn(f"the judge stopped early ({stopped}): {summary.prompts} of {len(todo)} prompts finished and written")
-        info(f"continue: the same command with --output {cfg.output} --resume" if cfg.output != "-"
-             else "the rows so far went to stdout; write to a file (--output FILE) so that --resume can continue")
+        drive.tell_stopped(stopped, summary.prompts, len(todo), cfg.output)
     return out
 
 

@@ -171,3 +171,14 @@ class PromptWriter:
             self._sink.close()
         if self._progress is not None:
             self._progress.close()
+
+
+def tell_stopped(stopped: str, finished: int, total: int, output: str) -> None:
+    """Why the judge stopped early, what was written, and how to continue (stderr)."""
+    from rlhf_cli.console import info, warn
+
+    warn(f"the judge stopped early ({stopped}): {finished} of {total} prompts finished and written")
+    if output != "-":
+        info(f"continue: the same command with --output {output} --resume")
+    else:
+        info("the rows so far went to stdout; write to a file (--output FILE) so that --resume can continue")
