@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     would break whenever Typer changes which Click it uses (0.29 vendors its own copy).
     """
     quiet_libraries()  # only our own progress and messages on stderr
+    from rlhf_cli.runtime import keep_freed_memory
+
+    keep_freed_memory()  # glibc: no page faults re-zeroing every step's activations (runtime.py)
     try:
         argv = legacy_resume(list(sys.argv[1:] if argv is None else argv))
         app(args=argv, prog_name="rlhf")  # standalone mode: always ends in SystemExit

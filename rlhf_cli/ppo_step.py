@@ -83,13 +83,15 @@ def update(s: Session, models: Models, ro: Rollout, adv: torch.Tensor, returns: 
                 row["ptx_loss"] = ptx_loss.item()
             if not math.isfinite(loss.item()):
                 raise _diverged(cfg, step, f"the loss is {loss.item()} (policy {pg.item()}, value {vf.item()})")
-            s.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # the grads are None here: freed right after the last step, not after this forward
             row["grad_norm"] = global_grad_norm_clip(policy_params, cfg.train.max_grad_norm)
             row["value_grad_norm"] = global_grad_norm_clip(value_params, cfg.train.max_grad_norm)
             if not (math.isfinite(row["grad_norm"]) and math.isfinite(row["value_grad_norm"])):
                 raise _diverged(cfg, step, "a gradient is not finite")
             s.optimizer.step()
+            # free the grads now: held through the next minibatch's forward they sat beside its
+            # activations, ~1 GB more peak RSS for SmolLM2-135M policy + value (benchmarks/ppo_step.py)
+            s.optimizer.zero_grad(set_to_none=True)
             for k, v in row.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1

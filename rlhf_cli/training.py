@@ -214,6 +214,7 @@ class Env:
 
 def setup(opts: TrainOptions, grad_accum: int | None = None) -> Env:
     """Join torchrun's process group, pick the device, seed everything, build the autocast context."""
+    runtime.keep_freed_memory()  # as the CLI does, for callers of run(): no per-step page faults (runtime.py)
     dist = runtime.init_distributed(opts.device)
     device = runtime.pick_device(opts.device, dist)
     runtime.seed_everything(opts.seed)

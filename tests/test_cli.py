@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import run_cli, write_jsonl
@@ -197,3 +198,17 @@ def test_rlhf_debug_shows_the_traceback(tmp_path) -> None:
     assert "Traceback (most recent call last)" in proc.stderr
     assert "RlhfError" in proc.stderr and "in.jsonl:1: field 'prompt' must be a string" in proc.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_keep_freed_memory_sets_glibc_malloc_and_respects_the_users_tunables() -> None:
+    """mallopt is applied in a fresh process (True on glibc Linux), and skipped when GLIBC_TUNABLES
+    already holds malloc settings: the user's own choice wins."""
+    import subprocess
+    import sys
+
+    code = "from rlhf_cli.runtime import keep_freed_memory; print(keep_freed_memory())"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    if sys.platform.startswith("linux") and Path("/lib/x86_64-linux-gnu/libc.so.6").exists():
+        assert plain == "True"
+    env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout.strip() == "False"
