@@ -104,7 +104,7 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def run_worker(cmd: list[str], log: Path) -> float:
+def run_worker(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
     """Run one benchmark side in its own process (output to `log`); exit with its tail on failure.
 
     Returns the 1-minute load average just before it started, so a contended run can be spotted.
@@ -113,7 +113,7 @@ def run_worker(cmd: list[str], log: Path) -> float:
     load = os.getloadavg()[0]
     print(f"  $ {' '.join(cmd)}   (load {load:.1f})", file=sys.stderr)
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=bench_env(), stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent)
+        proc = subprocess.run(cmd, env={**bench_env(), **(env or {})}, stdout=f, stderr=subprocess.STDOUT, cwd=HERE.parent)
     if proc.returncode:
         tail = "\n".join(log.read_text().splitlines()[-25:])
         sys.exit(f"worker failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
