@@ -69,7 +69,8 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], params: SamplingPar
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)  # a filler, always masked out
     stops = [s for s in params.stop if s]
     rows = [p for p in prompts for _ in range(params.n)]
-    ids, prompt_mask = left_pad(rows, pad, device)  # (N, P)
+    once, once_mask = left_pad(prompts, pad, device)  # (B, P)
+    ids, prompt_mask = once.repeat_interleave(params.n, 0), once_mask.repeat_interleave(params.n, 0)  # (N, P): row i*n + k
     mask, pos = prompt_mask, (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (N, P): 0 at each row's first real token
     rng = torch.Generator(device=device).manual_seed(seed)
     last_only = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
@@ -80,13 +81,13 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], params: SamplingPar
     seen_ent: list[list[float]] = [[] for _ in rows]
     reasons: list[str | None] = [None] * len(rows)
     texts: list[str | None] = [None] * len(rows)  # set when a stop string cut the text
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_only)
+    logits, cache = _prefill(model, once, once_mask, params.n, cache_kw, last_only)  # (N, V), the KV cache of N rows
     for step in range(params.max_new_tokens):
-        nxt = _pick(out.logits[:, -1].float(), params, rng)  # (N,)
+        nxt = _pick(logits.float(), params, rng)  # (N,)
         if track:
             from rlhf_cli.kernels import token_logprobs
 
-            lp, ent = token_logprobs(out.logits[:, -1], nxt, True, temperature=params.temperature or 1.0)
+            lp, ent = token_logprobs(logits, nxt, True, temperature=params.temperature or 1.0)
             lp, ent = lp.tolist(), ent.tolist()
         for i, t in enumerate(nxt.tolist()):
             if reasons[i] is not None:
@@ -106,8 +107,8 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], params: SamplingPar
             break
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
         pos = pos[:, -1:] + 1
-        cache = {cache_kw: getattr(out, cache_kw)}
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **cache, **last_only)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache}, **last_only)
+        logits, cache = out.logits[:, -1], getattr(out, cache_kw)
 
     comps = []
     for i, (toks, reason, text) in enumerate(zip(tokens, reasons, texts, strict=True)):
@@ -117,6 +118,25 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], params: SamplingPar
     if logprobs:
         _score(model, ids, prompt_mask, comps, pad, device)
     return [comps[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+
+def _prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor, n: int, cache_kw: str, last_only: dict[str, int]) -> tuple[torch.Tensor, Any]:
+    """One forward over the B distinct prompts, then its KV cache and last logits repeated for the n
+    samples of each (row i*n + k), instead of n forwards over the same prompt: with a long few-shot
+    prompt and a short answer (`known`, `eval exact -n`) the prefill is most of the work.
+    -> last-position logits (B*n, V), the cache. A cache that cannot repeat itself gets the prompts
+    repeated instead."""
+    if n > 1:
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_only)
+        cache = getattr(out, cache_kw)
+        if hasattr(cache, "batch_repeat_interleave"):
+            cache.batch_repeat_interleave(n)
+            return out.logits[:, -1].repeat_interleave(n, 0), cache
+        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_only)
+    return out.logits[:, -1], getattr(out, cache_kw)
 
 
 def _pick(logits: torch.Tensor, params: SamplingParams, rng: torch.Generator) -> torch.Tensor:

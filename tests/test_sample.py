@@ -555,3 +555,29 @@ def test_engine_refusals_exit_2_before_a_model_loads_and_write_nothing(
     err = " ".join(err.split())
     assert out == "" and not out_file.exists()
     assert f"error: {message}" in err and f"hint: {hint}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma2"])
+def test_shared_prefill_equals_prefilling_each_sample(kind: str, lively: tuple[Any, Any], tok: Any) -> None:
+    """With n > 1 the prompts are prefilled once and the KV cache repeated for the n samples
+    (generation._prefill): the last logits and the next decode step's logits equal those of
+    prefilling every repeated row, the reference path (a different batch shape: a tolerance)."""
+    from rlhf_cli.generation import _prefill, forward_accepts, left_pad
+
+    model = lively[0] if kind == "llama" else _tiny(kind, tok)
+    prompts = [render_prompt(tok, p.get("prompt"), p.get("messages"), "chat") for p in PROMPTS[:3]]  # different lengths
+    ids, mask = left_pad(prompts, 0, "cpu")
+    cache_kw = "cache" if forward_accepts(model, "cache") else "past_key_values"
+    keep = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
+    n = 3
+    with torch.no_grad():
+        shared, c1 = _prefill(model, ids, mask, n, cache_kw, keep)
+        alone, c2 = _prefill(model, ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), 1, cache_kw, keep)
+        assert shared.shape == alone.shape == (len(prompts) * n, alone.shape[-1])
+        torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-5)
+        nxt = alone.argmax(-1)[:, None]
+        m = torch.cat([mask.repeat_interleave(n, 0), torch.ones(len(prompts) * n, 1, dtype=mask.dtype)], 1)
+        pos = m.cumsum(1)[:, -1:] - 1
+        steps = [model(input_ids=nxt, attention_mask=m, position_ids=pos, use_cache=True, **{cache_kw: c}, **keep).logits[:, -1]
+                 for c in (c1, c2)]
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-5, rtol=1e-5)
