@@ -209,7 +209,7 @@ def run(cfg: SelectConfig, judge: ScoreJudge | PairJudge | None = None) -> dict[
         make = selection.pair_row if cfg.keep == "best-worst" else selection.sft_rows
         rows = make(item, choice, scores, desc, cost) if choice.kept else []
         writer.write(item.id, rows)
-        summary.add(choice, scores, [r["judge"]["score"] if "score" in r["judge"] else r["judge"]["scores"][0] for r in rows])
+        summary.add(choice, scores, [scores[k] for k in (choice.kept[:1] if cfg.keep == "best-worst" else choice.kept)])  # a pair: its chosen
         bar.update(task, advance=1, stats=f"{summary.kept} kept, {summary.all_fail + summary.all_tie} dropped" + (f", ${tally.cost:.4f}" if tally.cost else ""))
 
     stopped: str | None = None

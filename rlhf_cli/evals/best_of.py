@@ -60,6 +60,11 @@ def best_of(scores: Sequence[float], values: Sequence[float], n: int) -> float:
     return total
 
 
+def kept_index(scores: Sequence[float]) -> int:
+    """The sample the judge keeps among all K: the highest score, the first of equal ones."""
+    return max(range(len(scores)), key=lambda j: (scores[j], -j))
+
+
 def best_of_curve(per_question: Sequence[tuple[Sequence[float], Sequence[float]]], k: int) -> dict[str, float]:
     """{"best_of_N": mean over questions, "best_of_N_stderr": its standard error} for N in sizes(k)."""
     from rlhf_cli.evals.base import mean_stderr

@@ -388,13 +388,13 @@ def evaluate(cfg: ExactConfig, model_spec: str, problems: list[Problem], prompts
     extra: dict[str, Any] = {"shots": cfg.shots, "extract": cfg.extract, "samples_per_question": cfg.n}
     result = EvalResult("exact", model_spec, metrics, len(problems), "exact_match", samples, extra)
     if judge is not None:  # best-of-n: the judge's favourite among n of the K samples, n = 1, 2, 4 ... K
-        from rlhf_cli.evals.best_of import add_best_of
+        from rlhf_cli.evals.best_of import add_best_of, kept_index
 
         order = list(correct)  # question indices, in the order of `samples`
         scores = add_best_of(result, judge, [problems[k].question for k in order], [s["output"] for s in samples],
                              [{"answer": problems[k].answer} for k in order], [correct[k] for k in order])
         for s, sc in zip(samples, scores, strict=True):
-            s["select"] = {"scores": sc, "kept": max(range(len(sc)), key=lambda j: (sc[j], -j))}
+            s["select"] = {"scores": sc, "kept": kept_index(sc)}
     return result
 
 

@@ -99,9 +99,9 @@ def best_of_sets(sets: list[tuple[str, list[Pair]]], judged: list[list[dict[str,
     """One --select model's K judged sets -> the pairs and verdicts of the outputs the judge keeps,
     the cost of judging all K, and the best-of-n curve of the win rate (%) over the instructions
     whose K outputs all got a verdict."""
-    from rlhf_cli.evals.best_of import best_of_curve
+    from rlhf_cli.evals.best_of import best_of_curve, kept_index
 
-    kept = [max(range(len(sc)), key=lambda j: (sc[j], -j)) for sc in scores]
+    kept = [kept_index(sc) for sc in scores]
     pairs = [sets[j][1][i] for i, j in enumerate(kept)]
     verdicts = [{**judged[j][i], "select": {"scores": scores[i], "kept": j}} for i, j in enumerate(kept)]
     per = [(scores[i], [100.0 * (judged[j][i]["preference"] - 1.0) for j in range(len(sets))]) for i in range(len(kept))

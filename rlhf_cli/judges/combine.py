@@ -176,7 +176,7 @@ def copeland_groups(indices: Sequence[int], decisions: Sequence[Decision]) -> li
 PER_COMPLETION = ("completions", "finish_reasons", "completion_tokens", "completion_token_ids", "logprobs")
 
 
-def _head_and_rest(item: Item, rid: object) -> tuple[dict[str, Any], dict[str, Any]]:
+def head_and_rest(item: Item, rid: object) -> tuple[dict[str, Any], dict[str, Any]]:
     """The row's opening ({"id", "prompt" or "messages"}) and its other pass-through fields."""
     rest = {k: v for k, v in item.row.items() if k not in PER_COMPLETION and k != "id"}
     head: dict[str, Any] = {"id": rid}
@@ -215,7 +215,7 @@ def pair_rows(item: Item, decisions: Sequence[Decision], desc: dict[str, Any], k
         if d.dropped or (d.tie and not keep_ties):
             continue
         c, r = (d.winner, d.loser) if d.winner is not None else (d.i, d.j)
-        row, rest = _head_and_rest(item, f"{item.id}:{c}-{r}")
+        row, rest = head_and_rest(item, f"{item.id}:{c}-{r}")
         row["chosen"], row["rejected"] = item.completions[c], item.completions[r]  # type: ignore[index]
         if d.tie:
             row["tie"] = True
@@ -243,7 +243,7 @@ def ranking_row(item: Item, decisions: Sequence[Decision], scores: Sequence[floa
     else:
         method, points = "copeland", copeland_points(idx, decisions)
     groups = group_by(idx, points)
-    row, rest = _head_and_rest(item, item.id)
+    row, rest = head_and_rest(item, item.id)
     row["ranking"] = [[item.completions[k] for k in g] for g in groups]
     row["judge"] = {**desc, "method": method, "points": [points[g[0]] for g in groups],
                     "cost": sum((v.cost for d in decisions for v in d.verdicts), 0.0)}

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf_cli.data.records import Item
-from rlhf_cli.judges.combine import PER_COMPLETION, Decision, distinct, pair_rows
+from rlhf_cli.judges.combine import Decision, distinct, head_and_rest, pair_rows
 
 KEEP_MODES = "best | top-N (e.g. top-3) | all-passing | best-worst"
 
@@ -90,17 +90,6 @@ def choose(completions: Sequence[str], scores: Sequence[float], keep: str, thres
     return Choice(tuple(kept), candidates=len(idx))
 
 
-def _opening(item: Item, rid: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The row's {"id", "prompt" | "messages"} and the sample row's other pass-through fields."""
-    rest = {k: v for k, v in item.row.items() if k not in PER_COMPLETION and k not in ("id", "prompt", "messages")}
-    head: dict[str, Any] = {"id": rid}
-    if item.messages is not None:
-        head["messages"] = [dict(m) for m in item.messages]
-    else:
-        head["prompt"] = item.row["prompt"]
-    return head, rest
-
-
 def sft_rows(item: Item, choice: Choice, scores: Sequence[float], desc: dict[str, Any], cost: float = 0.0) -> list[dict[str, Any]]:
     """One SFT row per kept completion, id "<prompt id>:<index>": {"prompt", "completion"}, or the
     conversation with the completion as a final assistant turn (what `rlhf sft` trains on), plus
@@ -110,9 +99,9 @@ def sft_rows(item: Item, choice: Choice, scores: Sequence[float], desc: dict[str
     reasons = item.row.get("finish_reasons")
     rows = []
     for k in choice.kept:
-        row, rest = _opening(item, f"{item.id}:{k}")
-        if "messages" in row:
-            row["messages"].append({"role": "assistant", "content": item.completions[k]})
+        row, rest = head_and_rest(item, f"{item.id}:{k}")
+        if "messages" in row:  # a new list: the sample row's own stays as it is
+            row["messages"] = [*row["messages"], {"role": "assistant", "content": item.completions[k]}]
         else:
             row["completion"] = item.completions[k]
         if choice.tie:
