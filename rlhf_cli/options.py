@@ -58,6 +58,9 @@ RefShardOpt = Annotated[bool, typer.Option(
     "--ref-shard", help="With --shard full: split the frozen reference over the processes too, instead of a whole copy on each.",
     rich_help_panel=TRAIN)]
 ShardOffloadOpt = Annotated[bool, typer.Option("--shard-offload", help="With --shard full on CUDA: keep the shards in CPU memory.", rich_help_panel=TRAIN)]
+LogitsBudgetOpt = Annotated[float, typer.Option(
+    "--logits-budget", help="MiB of (tokens x vocabulary) logits the log-prob head may keep for backward; above it, "
+    "tiles recomputed in backward (0: always tile).", rich_help_panel=TRAIN)]
 ENGINE_PANEL = "Generation engine"
 EngineOpt = Annotated[str, typer.Option(
     "--engine", help="hf: our KV-cached sampler; vllm: in-process vLLM (pip install 'rlhf-cli[vllm]').", rich_help_panel=ENGINE_PANEL)]

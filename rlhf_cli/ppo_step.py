@@ -45,20 +45,24 @@ def advantages(ro: Rollout, raw: torch.Tensor, norm: tuple[float, float], beta: 
 
 def update(s: Session, models: Models, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor, ptx: SftStream | None,
            cfg: PpoConfig, step: int) -> dict[str, float]:
-    """Step 4: `ppo_epochs` seeded passes over the rollout in minibatches, one optimizer step each.
+    """Step 4: `ppo_epochs` seeded passes over the rollout in minibatches, one AdamW update each.
 
     Policy and value gradients are clipped separately (their scales differ by orders of magnitude,
-    so one global norm would let the value loss throttle the policy), then one AdamW step.
+    so one global norm would let the value loss throttle the policy). Their graphs share nothing, so
+    in one process each network runs forward, backward and its AdamW step in turn: only one set of
+    activations and gradients is alive at a time (SmolLM2-135M: ~0.6 GB lower peak than one joint
+    backward, benchmarks/ppo_step.py), and the numbers are the same as one joint step. Under DDP /
+    FSDP2 one joint forward and backward, as the wrappers expect.
     """
     import torch
 
     from rlhf_cli.losses import ppo as L
-    from rlhf_cli.training import global_grad_norm_clip
 
     pv = models.pv
     n, mb = len(ro.completions), cfg.minibatch_size // s.env.dist.world
     policy_params = [p for p in pv.policy.parameters() if p.requires_grad]
     value_params = [p for p in pv.value.parameters() if p.requires_grad]
+    in_turn = one_process(s)
     sums: dict[str, float] = {}
     count = 0
     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
@@ -70,33 +74,73 @@ def update(s: Session, models: Models, ro: Rollout, adv: torch.Tensor, returns: 
             idx = idx.to(ro.ids.device)
             m = ro.response_mask[idx]
             batch = ptx.next() if ptx is not None else None
-            out = s.forward(ro.ids[idx], ro.mask[idx], ro.prompt_width, ro.response[idx], m, batch)
-            logp, _entropy, values = out[:3]
-            pg, pstats = L.policy_loss(logp, ro.logp[idx], adv[idx], m, cfg.clip, None if is_w is None else is_w[idx])
-            vf, vf_clipfrac = L.value_loss(values, ro.values[idx], returns[idx], m, cfg.clip_value)
-            loss = pg + cfg.vf_coef * vf
-            row = {"policy_loss": pg.item(), "value_loss": vf.item(), "clipfrac": pstats.clipfrac,
-                   "vf_clipfrac": vf_clipfrac, "approx_kl": pstats.approx_kl, "ratio": pstats.ratio}
-            if batch is not None:
-                ptx_loss = out[3] / max(1, int((batch["labels"][:, 1:] != -100).sum()))
-                loss = loss + cfg.ptx_coef * ptx_loss
-                row["ptx_loss"] = ptx_loss.item()
-            if not math.isfinite(loss.item()):
-                raise _diverged(cfg, step, f"the loss is {loss.item()} (policy {pg.item()}, value {vf.item()})")
-            loss.backward()  # the grads are None here: freed right after the last step, not after this forward
-            row["grad_norm"] = global_grad_norm_clip(policy_params, cfg.train.max_grad_norm)
-            row["value_grad_norm"] = global_grad_norm_clip(value_params, cfg.train.max_grad_norm)
-            if not (math.isfinite(row["grad_norm"]) and math.isfinite(row["value_grad_norm"])):
-                raise _diverged(cfg, step, "a gradient is not finite")
-            s.optimizer.step()
-            # free the grads now: held through the next minibatch's forward they sat beside its
-            # activations, ~1 GB more peak RSS for SmolLM2-135M policy + value (benchmarks/ppo_step.py)
-            s.optimizer.zero_grad(set_to_none=True)
+            rows = (ro.ids[idx], ro.mask[idx], ro.prompt_width, ro.response[idx], m)
+            w = None if is_w is None else is_w[idx]
+            row: dict[str, float] = {}
+            if in_turn:
+                logp, _entropy, ptx_nll = pv.policy_outputs(*rows, batch)
+                _step(s, _policy_loss(logp, ptx_nll, ro, idx, adv, w, batch, cfg, row), [(policy_params, "grad_norm")], row, cfg, step)
+                values = pv.values(ro.ids[idx], ro.mask[idx], ro.prompt_width, m.shape[1])
+                _step(s, _value_loss(values, ro, idx, returns, cfg, row), [(value_params, "value_grad_norm")], row, cfg, step)
+            else:
+                out = s.forward(*rows, batch)
+                loss = _policy_loss(out[0], out[3] if batch is not None else None, ro, idx, adv, w, batch, cfg, row)
+                loss = loss + _value_loss(out[2], ro, idx, returns, cfg, row)
+                _step(s, loss, [(policy_params, "grad_norm"), (value_params, "value_grad_norm")], row, cfg, step)
             for k, v in row.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
     s.optimizer.zero_grad(set_to_none=True)
     return {k: v / count for k, v in sums.items()}
+
+
+def _policy_loss(logp: torch.Tensor, ptx_nll: torch.Tensor | None, ro: Rollout, idx: torch.Tensor, adv: torch.Tensor,
+                 is_w: torch.Tensor | None, batch: dict | None, cfg: PpoConfig, row: dict[str, float]) -> torch.Tensor:
+    """The clipped policy loss of minibatch `idx` (+ ptx_coef x the token-mean ptx NLL); stats into row."""
+    from rlhf_cli.losses import ppo as L
+
+    m = ro.response_mask[idx]
+    pg, pstats = L.policy_loss(logp, ro.logp[idx], adv[idx], m, cfg.clip, is_w)
+    row.update(policy_loss=pg.item(), clipfrac=pstats.clipfrac, approx_kl=pstats.approx_kl, ratio=pstats.ratio)
+    if ptx_nll is None or batch is None:
+        return pg
+    ptx_loss = ptx_nll / max(1, int((batch["labels"][:, 1:] != -100).sum()))
+    row["ptx_loss"] = ptx_loss.item()
+    return pg + cfg.ptx_coef * ptx_loss
+
+
+def _value_loss(values: torch.Tensor, ro: Rollout, idx: torch.Tensor, returns: torch.Tensor, cfg: PpoConfig,
+                row: dict[str, float]) -> torch.Tensor:
+    """vf_coef x the clipped value loss of minibatch `idx`; stats into row."""
+    from rlhf_cli.losses import ppo as L
+
+    vf, row["vf_clipfrac"] = L.value_loss(values, ro.values[idx], returns[idx], ro.response_mask[idx], cfg.clip_value)
+    row["value_loss"] = vf.item()
+    return cfg.vf_coef * vf
+
+
+def one_process(s: Session) -> bool:
+    """Policy and value may run forward / backward / step in turn (no DDP or FSDP2 wrapper to satisfy)."""
+    return s.env.dist.world == 1 and not s.sharded
+
+
+def _step(s: Session, loss: torch.Tensor, groups: list, row: dict[str, float], cfg: PpoConfig, step: int) -> None:
+    """Backward, clip each (params, name) group to max_grad_norm (its norm into row[name]), AdamW step.
+
+    The optimizer holds policy and value; a step only moves parameters that have gradients now. The
+    grads are freed right after it: held through the next forward they sat beside its activations."""
+    from rlhf_cli.training import global_grad_norm_clip
+
+    if not math.isfinite(loss.item()):
+        parts = ", ".join(f"{k} {row[k]}" for k in ("policy_loss", "value_loss") if k in row)
+        raise _diverged(cfg, step, f"the loss is {loss.item()} ({parts})")
+    loss.backward()  # the grads are None here: freed after the last step
+    for params, name in groups:
+        row[name] = global_grad_norm_clip(params, cfg.train.max_grad_norm)
+        if not math.isfinite(row[name]):
+            raise _diverged(cfg, step, "a gradient is not finite")
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
 
 
 def _diverged(cfg: PpoConfig, step: int, what: str) -> Exception:

@@ -76,15 +76,20 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, response: torch.Tensor,
                 response_mask: torch.Tensor, ptx: dict[str, torch.Tensor] | None = None):
+        logp, entropy, ptx_nll = self.policy_outputs(ids, mask, prompt_width, response, response_mask, ptx)
+        values = self.values(ids, mask, prompt_width, response.shape[1])
+        return (logp, entropy, values) if ptx_nll is None else (logp, entropy, values, ptx_nll)
+
+    def policy_outputs(self, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, response: torch.Tensor,
+                       response_mask: torch.Tensor, ptx: dict[str, torch.Tensor] | None = None):
+        """The policy's half of forward: log-probs and entropy (N, G), and the summed NLL on `ptx` (or None)."""
         logp, entropy = response_logprobs(self.policy, ids, mask, prompt_width, response, response_mask,
                                           self.temperature, with_entropy=True)
-        values = self.values(ids, mask, prompt_width, response.shape[1])
         if ptx is None:
-            return logp, entropy, values
+            return logp, entropy, None
         from rlhf_cli.training import CausalLMLoss
 
-        return logp, entropy, values, CausalLMLoss(self.policy)(**ptx)
-
+        return logp, entropy, CausalLMLoss(self.policy)(**ptx)
 
     def values(self, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, length: int) -> torch.Tensor:
         """V(s_t) of the response tokens.  -> (N, length)"""

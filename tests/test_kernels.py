@@ -188,11 +188,19 @@ def _fused_inputs(n, h, v, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_fused_linear_matches_naive(dtype, with_bias, monkeypatch) -> None:
-    # a tiny element budget forces tiles of 5 tokens x 256 columns: 3 row blocks (grad_W accumulated
-    # across them in backward) x 3 vocabulary slices (256, 256, 88: the online softmax in forward)
+@pytest.mark.parametrize("kept", [False, True])
+def test_fused_linear_matches_naive(dtype, with_bias, kept, monkeypatch) -> None:
+    # kept=False: a zero keep budget and a tiny element budget force tiles of 5 tokens x 256 columns:
+    # 3 row blocks (grad_W accumulated across them in backward) x 3 vocabulary slices (256, 256, 88:
+    # the online softmax in forward). kept=True: the (13, 600) logits kept for backward, walked in row
+    # chunks of 5 (LOGITS_BUDGET), d/dlogits written over them.
     monkeypatch.setattr(R, "FUSED_BUDGET", {"cpu": 5 * 256, "cuda": 5 * 256})
     monkeypatch.setattr(R, "ROW_BLOCK", 5)
+    monkeypatch.setattr(R, "LOGITS_BUDGET", {"cpu": 5 * 600, "cuda": 5 * 600})
+    monkeypatch.setattr(R, "KEEP_BUDGET", {"bytes": 1 << 30 if kept else 0})
+    paths = []
+    for name in ("kept_logits_backward", "fused_linear_backward"):
+        monkeypatch.setattr(R, name, lambda *a, _real=getattr(R, name), _name=name, **k: paths.append(_name) or _real(*a, **k))
     hid, w, b, y = _fused_inputs(13, 8, 600, dtype, seed=6)
     b = b if with_bias else None
     mask = torch.ones(13, dtype=torch.bool)
@@ -212,6 +220,33 @@ def test_fused_linear_matches_naive(dtype, with_bias, monkeypatch) -> None:
         if got is not None:
             assert got.grad.dtype == dtype
             close(got.grad, want.grad, 1e-4 if dtype == torch.float32 else 2e-2)
+    assert paths == ["kept_logits_backward" if kept else "fused_linear_backward"]
+
+
+def test_keep_budget_decides_per_call_and_never_without_a_gradient(monkeypatch) -> None:
+    hid, w, _, _ = _fused_inputs(13, 8, 600, torch.float32, seed=6)
+    need = 13 * 600 * 4  # bytes of the fp32 logits
+    R.set_keep_budget(need / (1 << 20))
+    monkeypatch.setattr(R, "KEEP_BUDGET", dict(R.KEEP_BUDGET))  # restored after the test
+    grad_h = hid.clone().requires_grad_()
+    assert R.keeps_logits(grad_h, w, None)
+    assert not R.keeps_logits(torch.cat([grad_h, grad_h[:1]]), w, None)  # one row over the budget
+    assert not R.keeps_logits(hid, w, None)  # nothing needs a gradient: scoring holds one tile at most
+    with torch.no_grad():
+        assert not R.keeps_logits(grad_h, w, None)
+    R.set_keep_budget(0)
+    assert R.KEEP_BUDGET["bytes"] == 0 and not R.keeps_logits(grad_h, w, None)
+
+
+def test_kept_logits_refuse_a_second_backward_instead_of_wrong_gradients(monkeypatch) -> None:
+    # backward writes d/dlogits over the kept logits: a retained graph must fail loudly on reuse
+    monkeypatch.setattr(R, "KEEP_BUDGET", {"bytes": 1 << 30})
+    hid, w, _, y = _fused_inputs(6, 4, 50, torch.float32, seed=3)
+    h = hid.clone().requires_grad_()
+    out = K.fused_linear_logprobs(h, w, y).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
 
 
 def test_fused_linear_frozen_head_grads_hidden_only() -> None:

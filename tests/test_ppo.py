@@ -346,6 +346,46 @@ def test_ptx_mixes_the_sft_loss_into_every_update(tmp_path, prompts, rules):
     assert worst > 1e-4
 
 
+def test_policy_and_value_in_turn_equal_one_joint_update(tmp_path, prompts, rules, monkeypatch):
+    """One process runs the policy and the value forward / backward / step in turn (less memory); the
+    run must equal the joint forward + backward + step that DDP and FSDP2 get, PPO-ptx included."""
+    from rlhf_cli import ppo_step
+
+    demos = write_jsonl(tmp_path, "demos.jsonl", [{"prompt": f"What is {i}+1?", "completion": str(i + 1)} for i in range(8)])
+    calls = []
+    real = ppo_step.one_process
+
+    def spy(s):
+        calls.append(real(s))
+        return calls[-1]
+
+    monkeypatch.setattr(ppo_step, "one_process", spy)
+    in_turn = run(cfg_for(prompts, rules, tmp_path / "turn", ptx=str(demos), ptx_coef=0.5, max_steps=2))
+    assert calls == [True, True]
+    monkeypatch.setattr(ppo_step, "one_process", lambda s: False)
+    joint = run(cfg_for(prompts, rules, tmp_path / "joint", ptx=str(demos), ptx_coef=0.5, max_steps=2))
+    assert in_turn["grad_norm"] > 0 and in_turn["value_grad_norm"] > 0 and in_turn["ptx_loss"] > 0
+    assert strip([in_turn])[0] == pytest.approx(strip([joint])[0], rel=1e-5, abs=1e-7)
+    assert_same_weights(load_weights(tmp_path / "turn"), load_weights(tmp_path / "joint"), atol=1e-6)
+
+
+def test_logits_budget_picks_the_head_backward_and_changes_only_float_noise(tmp_path, prompts, rules, monkeypatch):
+    """--logits-budget: the update keeps its (tokens x vocabulary) logits for backward under the
+    budget, recomputes them tile by tile at 0; both runs agree to float noise."""
+    from rlhf_cli.kernels import logprobs as R
+
+    paths = []
+    for name in ("kept_logits_backward", "fused_linear_backward"):
+        monkeypatch.setattr(R, name, lambda *a, _real=getattr(R, name), _name=name, **k: paths.append(_name) or _real(*a, **k))
+    kept = run(cfg_for(prompts, rules, tmp_path / "kept", max_steps=2))
+    assert paths and set(paths) == {"kept_logits_backward"}
+    paths.clear()
+    tiled = run(cfg_for(prompts, rules, tmp_path / "tiled", max_steps=2, logits_budget=0.0))
+    assert paths and set(paths) == {"fused_linear_backward"}
+    assert strip([kept])[0] == pytest.approx(strip([tiled])[0], rel=1e-4, abs=1e-6)
+    assert_same_weights(load_weights(tmp_path / "kept"), load_weights(tmp_path / "tiled"), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_two_processes_train_and_rank_0_saves_once(tmp_path, prompts, rules):
     out = tmp_path / "ddp"

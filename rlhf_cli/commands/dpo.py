@@ -35,6 +35,7 @@ from rlhf_cli.options import (
     GradAccumOpt,
     GradCkptOpt,
     KeepAdapterOpt,
+    LogitsBudgetOpt,
     LoraAlphaOpt,
     LoraOpt,
     LrOpt,
@@ -88,6 +89,7 @@ class DpoConfig:
     eval_every: int = 0
     ref_dtype: str = "auto"
     ref_shard: bool = False  # --shard full: the reference split over the processes (sharding.shard_frozen)
+    logits_budget: float = 256.0  # MiB: the fused log-prob head keeps logits this size for backward (kernels/logprobs.py)
     train: TrainOptions = TRAIN
 
     COMMAND: ClassVar[str] = "dpo"
@@ -95,7 +97,7 @@ class DpoConfig:
     LIMITS: ClassVar[dict[str, Any]] = {
         "format": ("chat", "raw"), "max_len": ">= 2", "batch_size": ">= 1", "loss": LOSSES, "beta": "> 0",
         "label_smoothing": "[0, 0.5)", "gamma": ">= 0", "sft_coef": ">= 0", "eval_split": "[0, 1)", "eval_every": ">= 0",
-        "ref_dtype": ("auto", "fp32", "bf16"),
+        "ref_dtype": ("auto", "fp32", "bf16"), "logits_budget": ">= 0",
     }
 
     @property
@@ -148,6 +150,7 @@ def command(
     shard: ShardOpt = TRAIN.shard,
     shard_offload: ShardOffloadOpt = TRAIN.shard_offload,
     ref_shard: RefShardOpt = DpoConfig.ref_shard,
+    logits_budget: LogitsBudgetOpt = DpoConfig.logits_budget,
     lora_r: LoraOpt = TRAIN.lora_r,
     lora_alpha: LoraAlphaOpt = TRAIN.lora_alpha,
     keep_adapter: KeepAdapterOpt = TRAIN.keep_adapter,
@@ -215,7 +218,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
     t, spec = cfg.train, validate(cfg)
     rows, eval_rows = load_rows(cfg)
 
-    from rlhf_cli import training
+    from rlhf_cli import kernels, training
     from rlhf_cli.data import pref_data
     from rlhf_cli.dpo_ref import RefScorer
     from rlhf_cli.metrics import progress_bar
@@ -224,6 +227,7 @@ def run(cfg: DpoConfig) -> dict[str, Any]:
 
     # 1. runtime: processes, device, seed, autocast
     env = training.setup(t)
+    kernels.set_keep_budget(cfg.logits_budget)  # the fused log-prob head: keep or recompute logits
 
     # 2. tokenizer, examples (indexed, so precomputed reference log-probs can be found), the data plan
     tok = load_tokenizer(spec, t.trust_remote_code)

@@ -39,6 +39,7 @@ from rlhf_cli.options import (
     GradAccumOpt,
     GradCkptOpt,
     KeepAdapterOpt,
+    LogitsBudgetOpt,
     LoraAlphaOpt,
     LoraOpt,
     LrOpt,
@@ -104,6 +105,7 @@ class GrpoConfig:
     pass_threshold: float = 1.0  # a response "passes" when its weighted score reaches this (pass@1, pass@K)
     ref_dtype: str = "auto"
     ref_shard: bool = False  # --shard full: the reference split over the processes (sharding.shard_frozen)
+    logits_budget: float = 256.0  # MiB: the fused log-prob head keeps logits this size for backward (kernels/logprobs.py)
     engine: str = "hf"  # hf: our KV-cached sampler; vllm: in-process vLLM, its weights pushed after each update
     engine_memory: float = 0.3
     engine_logprobs: bool = False  # vllm: truncated importance weights p_trainer / p_engine on the loss
@@ -118,6 +120,7 @@ class GrpoConfig:
         "scale_rewards": ("group", "batch", "none"), "loss": LOSSES, "importance_sampling": ("token", "sequence"),
         "clip": "> 0", "clip_high": "> 0", "beta": ">= 0", "overlong_buffer": ">= 0", "overlong_factor": ">= 0",
         "ref_dtype": ("auto", "fp32", "bf16"), "engine": ("hf", "vllm"), "engine_memory": "(0, 1]", "tis_cap": ">= 1",
+        "logits_budget": ">= 0",
     }
 
     @property
@@ -180,6 +183,7 @@ def command(
     shard: ShardOpt = TRAIN.shard,
     shard_offload: ShardOffloadOpt = TRAIN.shard_offload,
     ref_shard: RefShardOpt = GrpoConfig.ref_shard,
+    logits_budget: LogitsBudgetOpt = GrpoConfig.logits_budget,
     engine: EngineOpt = GrpoConfig.engine,
     engine_memory: EngineMemoryOpt = GrpoConfig.engine_memory,
     engine_logprobs: EngineLogprobsOpt = GrpoConfig.engine_logprobs,
@@ -286,7 +290,7 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
     t = cfg.train
     rows, judge_opts = load_inputs(cfg)
 
-    from rlhf_cli import runtime, training
+    from rlhf_cli import kernels, runtime, training
     from rlhf_cli.data.records import render_prompt
     from rlhf_cli.generation import SamplingParams, batch_seed
     from rlhf_cli.grpo_step import advantages, load_reference, score, update
@@ -299,6 +303,7 @@ def run(cfg: GrpoConfig) -> dict[str, Any]:
 
     # 1. runtime, judges, policy (+LoRA), the reference only when beta > 0, the prompt plan
     env = training.setup(t, grad_accum=1)
+    kernels.set_keep_budget(cfg.logits_budget)  # the fused log-prob head: keep or recompute logits
     dist, device = env.dist, env.device
     ref_dtype = cfg.ref_dtype if cfg.ref_dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     judges = [cast("ScoreJudge", build_judge(spec, replace(judge_opts, device=device, dtype=ref_dtype))) for spec in cfg.judge]  # rule: / rm:

@@ -36,6 +36,7 @@ from rlhf_cli.options import (
     FormatOpt,
     GradCkptOpt,
     KeepAdapterOpt,
+    LogitsBudgetOpt,
     LoraAlphaOpt,
     LrOpt,
     MaxGradNormOpt,
@@ -99,6 +100,7 @@ class PpoConfig:
     ptx_coef: float = 1.0
     ref_dtype: str = "auto"
     ref_shard: bool = False  # --shard full: the reference split over the processes (sharding.shard_frozen)
+    logits_budget: float = 256.0  # MiB: the fused log-prob head keeps logits this size for backward (kernels/logprobs.py)
     engine: str = "hf"  # hf: our KV-cached sampler; vllm: in-process vLLM, its weights pushed after each update
     engine_memory: float = 0.3
     engine_logprobs: bool = False  # vllm: truncated importance weights p_trainer / p_engine on the loss
@@ -114,7 +116,7 @@ class PpoConfig:
         "kl_horizon": ">= 1", "kl_estimator": ("k1", "k3"), "gamma": "[0, 1]", "lam": "[0, 1]", "clip": "> 0",
         "clip_value": "> 0", "vf_coef": ">= 0", "no_eos_penalty": ">= 0", "reward_clip": ">= 0",
         "value_init": ("auto", "reward", "policy"), "ptx_coef": ">= 0", "ref_dtype": ("auto", "fp32", "bf16"),
-        "engine": ("hf", "vllm"), "engine_memory": "(0, 1]", "tis_cap": ">= 1",
+        "engine": ("hf", "vllm"), "engine_memory": "(0, 1]", "tis_cap": ">= 1", "logits_budget": ">= 0",
     }
 
     @property
@@ -171,6 +173,7 @@ def command(
     shard: ShardOpt = TRAIN.shard,
     shard_offload: ShardOffloadOpt = TRAIN.shard_offload,
     ref_shard: RefShardOpt = PpoConfig.ref_shard,
+    logits_budget: LogitsBudgetOpt = PpoConfig.logits_budget,
     engine: EngineOpt = PpoConfig.engine,
     engine_memory: EngineMemoryOpt = PpoConfig.engine_memory,
     engine_logprobs: EngineLogprobsOpt = PpoConfig.engine_logprobs,
@@ -244,7 +247,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
 
     import torch
 
-    from rlhf_cli import ppo_step, runtime, training
+    from rlhf_cli import kernels, ppo_step, runtime, training
     from rlhf_cli.data.records import render_prompt
     from rlhf_cli.data.sft_data import SftStream
     from rlhf_cli.generation import SamplingParams, batch_seed
@@ -256,6 +259,7 @@ def run(cfg: PpoConfig) -> dict[str, Any]:
 
     # 1. runtime, models, the prompt plan (seeded: every rank and a resumed run rebuild it exactly)
     env = training.setup(t, grad_accum=1)
+    kernels.set_keep_budget(cfg.logits_budget)  # the fused log-prob head: keep or recompute logits
     dist, device = env.dist, env.device
     ref_dtype = cfg.ref_dtype if cfg.ref_dtype != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     scorer = cast("ScoreJudge", build_judge(cfg.judge or f"rm:{cfg.reward}", replace(judge_opts, device=device, dtype=ref_dtype)))  # rule: / rm: score

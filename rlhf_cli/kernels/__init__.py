@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["fused_linear_logprobs", "gae", "masked_whiten", "token_logprobs", "use_triton"]
+__all__ = ["fused_linear_logprobs", "gae", "masked_whiten", "set_keep_budget", "token_logprobs", "use_triton"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -58,6 +58,14 @@ def fused_linear_logprobs(
     from rlhf_cli.kernels import logprobs
 
     return logprobs.fused_linear_logprobs(hidden, weight, tokens, bias, with_entropy, **kw)
+
+
+def set_keep_budget(mib: float) -> None:
+    """`--logits-budget`: MiB of logits the torch fused head keeps for backward instead of recomputing
+    them tile by tile (kernels/logprobs.py; the Triton twin always tiles)."""
+    from rlhf_cli.kernels import logprobs
+
+    logprobs.set_keep_budget(mib)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):

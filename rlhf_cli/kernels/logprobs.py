@@ -46,6 +46,16 @@ LOG2E = 1.4426950408889634  # log2(e)
 LOGITS_BUDGET = {"cpu": 1 << 20, "cuda": 1 << 24}
 FUSED_BUDGET = {"cpu": 1 << 22, "cuda": 1 << 25}
 ROW_BLOCK = 4096  # fused: default tokens per tile
+# Bytes of (N, V) logits the fused head may keep from its forward for its backward (`--logits-budget`
+# MiB; set_keep_budget). Under it, one full matmul in forward and none in backward: the tiled path
+# recomputes every tile's logits in backward, a 4th lm_head matmul (SmolLM2-135M, 128 tokens x 49152,
+# 2 CPU threads: forward + backward 234 -> 154 ms, 512 tokens: 733 -> 548 ms). Over it, tiles as before.
+KEEP_BUDGET = {"bytes": 256 << 20}
+
+
+def set_keep_budget(mib: float) -> None:
+    """The fused head keeps its logits for backward when they take at most `mib` MiB (0: always tile)."""
+    KEEP_BUDGET["bytes"] = int(mib * (1 << 20))
 
 
 def token_logprobs(
@@ -91,7 +101,8 @@ def fused_linear_logprobs(
         raise ValueError(f"hidden (..., {hidden.shape[-1]}) does not match weight {tuple(weight.shape)}")
     check_inputs(hidden, tokens, mask, temperature)
     valid = valid_positions(tokens, mask)
-    out = _FusedLinearLogprobs.apply(hidden, weight, bias, tokens, valid, float(temperature), bool(with_entropy), chunk)
+    keep = chunk is None and keeps_logits(hidden, weight, bias)
+    out = _FusedLinearLogprobs.apply(hidden, weight, bias, tokens, valid, float(temperature), bool(with_entropy), chunk, keep)
     return out if with_entropy else out[0]
 
 
@@ -157,21 +168,9 @@ def chunk_grad(
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, tokens, valid, temperature, with_entropy, chunk):  # type: ignore[override]
-        v = logits.shape[-1]
-        cdt = _compute_dtype(logits)
-        rows = chunk_rows(v, chunk, logits.device, LOGITS_BUDGET)
-        n = tokens.numel()
+        rows = chunk_rows(logits.shape[-1], chunk, logits.device, LOGITS_BUDGET)
         y = tokens.reshape(-1).clamp(min=0)  # padding ids (-100) -> 0; their rows are zeroed below
-        logp = torch.empty(n, dtype=cdt, device=logits.device)
-        lse = torch.empty_like(logp)
-        ez = torch.empty_like(logp) if with_entropy else None
-        scratch = torch.empty(min(rows, max(n, 1)), v, dtype=cdt, device=logits.device)
-        for r0, x in _row_chunks(logits, rows):
-            r1 = r0 + x.shape[0]
-            lp, ls, e = chunk_stats(x, y[r0:r1], 1.0 / temperature, scratch, with_entropy)
-            logp[r0:r1], lse[r0:r1] = lp, ls
-            if ez is not None:
-                ez[r0:r1] = e
+        logp, lse, ez = rows_forward(logits, y, 1.0 / temperature, with_entropy, rows)
         ctx.save_for_backward(logits, y, valid, lse, ez)
         ctx.args = (temperature, rows)
         ctx.set_materialize_grads(False)
@@ -186,26 +185,53 @@ class _TokenLogprobs(torch.autograd.Function):
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if g is None and gh is None:
             return grad.zero_(), None, None, None, None, None
-        flat = grad.view(-1, logits.shape[-1])
-        direct = logits.dtype == lse.dtype  # fp32 logits: write straight into the gradient
-        scratch = None if direct else torch.empty(min(rows, flat.shape[0]), flat.shape[1], dtype=lse.dtype, device=grad.device)
-        for r0, x in _row_chunks(logits, rows):
-            r1 = r0 + x.shape[0]
-            sl = slice(r0, r1)
-            out = flat[sl] if scratch is None else scratch[: r1 - r0]
-            chunk_grad(x, y[sl], lse[sl], _at(ez, sl), _at(g, sl), _at(gh, sl), 1.0 / temperature, out)
-            if scratch is not None:
-                flat[sl].copy_(out)
+        rows_backward(logits, y, lse, ez, g, gh, 1.0 / temperature, rows, grad.view(-1, logits.shape[-1]))
         return grad, None, None, None, None, None
+
+
+def rows_forward(logits, y, inv_t, with_entropy, rows):
+    """logp, lse, E_p[z] (or None), each (N,) in the compute dtype, of logits (..., V), `rows` rows at a time."""
+    n, v = y.numel(), logits.shape[-1]
+    cdt = _compute_dtype(logits)
+    logp = torch.empty(n, dtype=cdt, device=logits.device)
+    lse = torch.empty_like(logp)
+    ez = torch.empty_like(logp) if with_entropy else None
+    scratch = torch.empty(min(rows, max(n, 1)), v, dtype=cdt, device=logits.device)
+    for r0, x in _row_chunks(logits, rows):
+        r1 = r0 + x.shape[0]
+        lp, ls, e = chunk_stats(x, y[r0:r1], inv_t, scratch, with_entropy)
+        logp[r0:r1], lse[r0:r1] = lp, ls
+        if ez is not None:
+            ez[r0:r1] = e
+    return logp, lse, ez
+
+
+def rows_backward(logits, y, lse, ez, g, gh, inv_t, rows, flat):
+    """d/dlogits into `flat` (N, V), `rows` rows at a time; `flat` may be the logits' own memory."""
+    direct = flat.dtype == lse.dtype  # fp32: write straight into the gradient
+    scratch = None if direct else torch.empty(min(rows, flat.shape[0]), flat.shape[1], dtype=lse.dtype, device=flat.device)
+    for r0, x in _row_chunks(logits, rows):
+        sl = slice(r0, r0 + x.shape[0])
+        out = flat[sl] if scratch is None else scratch[: x.shape[0]]
+        chunk_grad(x, y[sl], lse[sl], _at(ez, sl), _at(g, sl), _at(gh, sl), inv_t, out)
+        if scratch is not None:
+            flat[sl].copy_(out)
+    return flat
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, valid, temperature, with_entropy, chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, tokens, valid, temperature, with_entropy, chunk, keep):  # type: ignore[override]
         h = hidden.reshape(-1, hidden.shape[-1])  # (N, H): hidden states are small, a copy is fine
         y = tokens.reshape(-1).clamp(min=0)
-        logp, lse, ez = fused_linear_forward(h, weight, bias, y, 1.0 / temperature, with_entropy, chunk)
-        ctx.save_for_backward(h, weight, bias, y, valid, lse, ez)
+        z = None  # the (N, V) logits, kept for backward when they fit KEEP_BUDGET
+        if keep:
+            z = linear_into(h, weight, bias, torch.empty(h.shape[0], weight.shape[0], dtype=h.dtype, device=h.device))
+            rows = chunk_rows(z.shape[1], None, h.device, LOGITS_BUDGET)
+            logp, lse, ez = rows_forward(z, y, 1.0 / temperature, with_entropy, rows)
+        else:
+            logp, lse, ez = fused_linear_forward(h, weight, bias, y, 1.0 / temperature, with_entropy, chunk)
+        ctx.save_for_backward(h, weight, bias, y, valid, lse, ez, z)
         ctx.args = (temperature, hidden.shape, chunk)
         ctx.set_materialize_grads(False)
         outs = [logp] if ez is None else [logp, lse - ez]
@@ -213,14 +239,17 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        h, weight, bias, y, valid, lse, ez = ctx.saved_tensors
+        h, weight, bias, y, valid, lse, ez, z = ctx.saved_tensors
         temperature, hidden_shape, chunk = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         g, gh = masked_grads(grads, valid, lse.dtype)
-        gi_h, gi_w, gi_b = fused_linear_backward(
-            h, weight, bias, y, lse, ez, g, gh, temperature, need_h, need_w, need_b, chunk=chunk
-        )
-        return (None if gi_h is None else gi_h.view(hidden_shape)), gi_w, gi_b, None, None, None, None, None
+        if z is not None:
+            gi_h, gi_w, gi_b = kept_logits_backward(h, weight, bias, y, lse, ez, g, gh, temperature, need_h, need_w, need_b, z)
+        else:
+            gi_h, gi_w, gi_b = fused_linear_backward(
+                h, weight, bias, y, lse, ez, g, gh, temperature, need_h, need_w, need_b, chunk=chunk
+            )
+        return (None if gi_h is None else gi_h.view(hidden_shape)), gi_w, gi_b, None, None, None, None, None, None
 
 
 def fused_linear_forward(h, weight, bias, y, inv_t, with_entropy, chunk=None):
@@ -263,6 +292,31 @@ def fused_linear_forward(h, weight, bias, y, inv_t, with_entropy, chunk=None):
         if ez is not None:
             ez[r0:r1] = w / s * inv_t
     return logp, lse, ez
+
+
+def keeps_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the fused head keeps the (N, V) logits for backward (they fit KEEP_BUDGET) instead of
+    tiling. Only when a gradient will be asked for: a no-grad forward (scoring) holds one tile at most."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    n = hidden.numel() // max(hidden.shape[-1], 1)
+    return wants_grad and n * weight.shape[0] * hidden.element_size() <= KEEP_BUDGET["bytes"]
+
+
+def kept_logits_backward(h, weight, bias, y, lse, ez, g, gh, temperature, need_h, need_w, need_b, z):
+    """fused_linear_backward's gradients from the logits z (N, V) kept by forward: d/dz is written over
+    z itself (row chunks), then one matmul each for hidden, weight and bias; no logits recomputed."""
+    cdt = lse.dtype
+    if g is None and gh is None or h.shape[0] == 0:
+        def zeros(need: bool, t: torch.Tensor | None) -> torch.Tensor | None:
+            return torch.zeros(t.shape, dtype=cdt, device=h.device) if need and t is not None else None
+
+        return _cast_grads(zeros(need_h, h), zeros(need_w, weight), zeros(need_b, bias), h, weight, bias)
+    rows = chunk_rows(z.shape[1], None, h.device, LOGITS_BUDGET)
+    dz = rows_backward(z, y, lse, ez, g, gh, 1.0 / temperature, rows, z)  # (N, V), z's memory
+    gi_h = (dz @ weight) if need_h else None
+    gi_w = (dz.t() @ h) if need_w else None
+    gi_b = dz.sum(0, dtype=cdt) if (need_b and bias is not None) else None
+    return _cast_grads(gi_h, gi_w, gi_b, h, weight, bias)
 
 
 def fused_linear_backward(
