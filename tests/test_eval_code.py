@@ -176,9 +176,11 @@ def test_memory_hog_is_stopped():
 
 
 @pytest.mark.skipif(not ROOT, reason="the uid drop happens only when started as root")
-def test_filesystem_is_read_only_to_the_candidate(tmp_path):
+def test_the_uid_drop_alone_keeps_our_files_read_only(tmp_path):
+    # the uid layer by itself (no file-system confinement): nobody may not write a root-owned directory;
+    # reads and writes outside the working directory under each confinement layer: test_sandbox_confine.py
     target = tmp_path / "owned"
-    o = run_program(f"open({str(target)!r}, 'w').write('x')", NO_GUARD)
+    o = run_program(f"open({str(target)!r}, 'w').write('x')", Sandbox(timeout=1.0, memory_mb=512, guard=False, confine="none"))
     assert o.status == "failed" and "Permission denied" in o.error and not target.exists()
 
 

