@@ -74,13 +74,14 @@ def update(s: Session, models: Models, ro: Rollout, adv: torch.Tensor, returns: 
             idx = idx.to(ro.ids.device)
             m = ro.response_mask[idx]
             batch = ptx.next() if ptx is not None else None
-            rows = (ro.ids[idx], ro.mask[idx], ro.prompt_width, ro.response[idx], m)
+            ids, mask = ro.ids[idx], ro.mask[idx]
+            rows = (ids, mask, ro.prompt_width, ro.response[idx], m)
             w = None if is_w is None else is_w[idx]
             row: dict[str, float] = {}
             if in_turn:
                 logp, _entropy, ptx_nll = pv.policy_outputs(*rows, batch)
                 _step(s, _policy_loss(logp, ptx_nll, ro, idx, adv, w, batch, cfg, row), [(policy_params, "grad_norm")], row, cfg, step)
-                values = pv.values(ro.ids[idx], ro.mask[idx], ro.prompt_width, m.shape[1])
+                values = pv.values(ids, mask, ro.prompt_width, m.shape[1])
                 _step(s, _value_loss(values, ro, idx, returns, cfg, row), [(value_params, "value_grad_norm")], row, cfg, step)
             else:
                 out = s.forward(*rows, batch)

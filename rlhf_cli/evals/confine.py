@@ -244,8 +244,9 @@ def _inside(path: str, done: dict[str, bool]) -> bool:
     return any(bound and (path == d or path.startswith(d + "/")) for d, bound in done.items())
 
 
-def drop_capabilities() -> None:
-    """No capability left, in any namespace (after the view is built in a user namespace)."""
+def set_capabilities(keep: int = 0) -> None:
+    """Permitted and effective capabilities = the `keep` bits of the first 32 (e.g. 1 << 2,
+    CAP_DAC_READ_SEARCH), none inheritable; 0: no capability left, in any namespace."""
     header = ctypes.create_string_buffer(struct.pack("Ii", 0x20080522, 0))  # _LINUX_CAPABILITY_VERSION_3, this thread
-    if _libc().capset(header, ctypes.create_string_buffer(bytes(24))) != 0:
+    if _libc().capset(header, ctypes.create_string_buffer(struct.pack("6I", keep, keep, 0, 0, 0, 0))) != 0:
         raise _fail("capset")

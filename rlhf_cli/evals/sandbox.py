@@ -48,7 +48,7 @@ CONFINE = ("auto", "landlock", "mountns", "none")
 # before it runs. The verdict goes to a private fd with a nonce, so a candidate's own prints (sent to
 # stdout/stderr) cannot be mistaken for it.
 _CHILD = r"""
-import ctypes, json, os, resource, signal, struct, sys
+import ctypes, json, os, resource, signal, sys
 prog, s = sys.argv[1], json.loads(sys.argv[2]); del sys.argv[1:]
 def say(*parts):
     os.write(s["fd"], ("\t".join([s["nonce"], *parts]) + "\n").encode("utf-8", "replace"))
@@ -97,9 +97,7 @@ if linux and root and s["uid"] is not None:  # become nobody: RLIMIT_NPROC binds
     if keep:
         libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS, so that capset below can keep it
     os.setgroups([]); os.setresgid(u, u, u); os.setresuid(u, u, u)
-    if libc.capset(ctypes.create_string_buffer(struct.pack("Ii", 0x20080522, 0)),
-                   ctypes.create_string_buffer(struct.pack("6I", keep, keep, 0, 0, 0, 0))) != 0:
-        raise OSError(ctypes.get_errno(), "capset failed")
+    set_capabilities(keep)
     layers["uid"], layers["read_cap"] = os.geteuid(), bool(keep)
 if linux:
     libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: exec of a setuid binary cannot regain root; Landlock needs it
@@ -125,7 +123,7 @@ if abi:
 elif want == "landlock":
     refuse("Landlock is not available on this kernel (Linux >= 5.13 with landlock among the LSMs)")
 if userns:
-    drop_capabilities()  # those the user namespace gave us: the candidate could undo the view with them
+    set_capabilities(0)  # drop those the user namespace gave us: the candidate could undo the view with them
 say("layers", json.dumps(layers))
 if s["guard"]:
     import builtins, faulthandler, posix, shutil, socket, subprocess

@@ -306,11 +306,8 @@ def kept_logits_backward(h, weight, bias, y, lse, ez, g, gh, temperature, need_h
     """fused_linear_backward's gradients from the logits z (N, V) kept by forward: d/dz is written over
     z itself (row chunks), then one matmul each for hidden, weight and bias; no logits recomputed."""
     cdt = lse.dtype
-    if g is None and gh is None or h.shape[0] == 0:
-        def zeros(need: bool, t: torch.Tensor | None) -> torch.Tensor | None:
-            return torch.zeros(t.shape, dtype=cdt, device=h.device) if need and t is not None else None
-
-        return _cast_grads(zeros(need_h, h), zeros(need_w, weight), zeros(need_b, bias), h, weight, bias)
+    if g is None and gh is None or h.shape[0] == 0:  # zero gradients: the tiled path's own early return
+        return fused_linear_backward(h, weight, bias, y, lse, ez, g, gh, temperature, need_h, need_w, need_b)
     rows = chunk_rows(z.shape[1], None, h.device, LOGITS_BUDGET)
     dz = rows_backward(z, y, lse, ez, g, gh, 1.0 / temperature, rows, z)  # (N, V), z's memory
     gi_h = (dz @ weight) if need_h else None
